@@ -1,0 +1,18 @@
+# The README's two commands: `make run` (the main job) and `make test` (the test suite).
+# Both install curvlab first (keeping any torch already installed; see scripts/install.sh).
+PYTHON ?= python3
+
+.PHONY: install run test lint bench
+install:
+	PYTHON=$(PYTHON) bash scripts/install.sh
+
+run: install
+	$(PYTHON) -m curvlab.cli demo
+
+test: install
+	$(PYTHON) -m ruff check curvlab tests benchmarks examples
+	$(PYTHON) -m mypy curvlab
+	$(PYTHON) -m pytest -q
+
+bench: install
+	$(PYTHON) benchmarks/hvp.py

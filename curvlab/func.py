@@ -1,0 +1,344 @@
+"""torch.func building blocks: parameter layout, the functional loss, and HVP factories.
+
+Everything above this module works on flat vectors ``v (P,)`` and blocks ``V (P, m)``; this is the
+one place where they are converted to and from dicts of parameter tensors.
+
+Two exact Hessian-vector product routes (MATH.md section 1):
+
+- forward-over-reverse, ``Hv = jvp(grad(L), (theta,), (v,))[1]`` (Pearlmutter 1994), which
+  recomputes the forward and backward for every call;
+- reverse-over-reverse, ``Hv = grad(<grad(L), v>)``: the first-order gradient is built once with
+  ``create_graph=True`` and every product is one second backward through that graph.
+
+Example:
+    >>> import torch
+    >>> model = torch.nn.Linear(3, 2)
+    >>> layout = ParamLayout.from_params(dict(model.named_parameters()))
+    >>> layout.numel
+    8
+    >>> v = layout.ravel(dict(model.named_parameters()))
+    >>> layout.unravel(v)["weight"].shape
+    torch.Size([2, 3])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, jvp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+Params = dict[str, Tensor]
+Product = Callable[[Tensor], Tensor]  # V (P, m) -> (P, m)
+
+# Modules whose forward depends on the training flag in a way that changes the measured function.
+_BATCHNORM = nn.modules.batchnorm._BatchNorm
+_DROPOUT = nn.modules.dropout._DropoutNd
+
+
+@dataclass(frozen=True)
+class ParamLayout:
+    """Names, shapes and order of the parameters behind a flat vector of length ``P``."""
+
+    names: tuple[str, ...]
+    shapes: tuple[torch.Size, ...]
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Tensor]) -> ParamLayout:
+        return cls(tuple(params), tuple(p.shape for p in params.values()))
+
+    @property
+    def sizes(self) -> list[int]:
+        return [s.numel() for s in self.shapes]
+
+    @property
+    def numel(self) -> int:
+        return sum(self.sizes)
+
+    def ravel(self, tensors: Mapping[str, Tensor]) -> Tensor:
+        """Concatenate ``tensors[name]`` in layout order into one vector ``(P,)``."""
+        return torch.cat([tensors[n].reshape(-1) for n in self.names])
+
+    def unravel(self, v: Tensor) -> Params:
+        """Split ``v (P,)`` into views with the parameter shapes."""
+        chunks = torch.split(v, self.sizes)
+        return {n: c.view(s) for n, c, s in zip(self.names, chunks, self.shapes, strict=True)}
+
+    def unravel_columns(self, V: Tensor) -> Params:
+        """Split ``V (P, m)`` into tensors of shape ``(m, *shape)``, one per parameter."""
+        Vt = V.T  # (m, P)
+        chunks = torch.split(Vt, self.sizes, dim=1)  # each (m, numel)
+        pieces = zip(self.names, chunks, self.shapes, strict=True)
+        return {n: c.reshape(-1, *s) for n, c, s in pieces}
+
+    def ravel_columns(self, tensors: Mapping[str, Tensor]) -> Tensor:
+        """Inverse of :meth:`unravel_columns`: ``(m, *shape)`` tensors to ``V (P, m)``."""
+        m = next(iter(tensors.values())).shape[0]
+        return torch.cat([tensors[n].reshape(m, -1) for n in self.names], dim=1).T  # (P, m)
+
+
+def ravel(params: Mapping[str, Tensor]) -> Tensor:
+    """Flatten a parameter dict into one vector ``(P,)`` in the dict's order."""
+    return ParamLayout.from_params(params).ravel(params)
+
+
+def unravel(v: Tensor, like: Mapping[str, Tensor]) -> Params:
+    """Split ``v (P,)`` into tensors shaped like the values of ``like`` (same order)."""
+    return ParamLayout.from_params(like).unravel(v)
+
+
+def batch_size(inputs: Any) -> int:
+    """Number of examples in ``inputs``: the leading size of its first tensor (dicts allowed)."""
+    leaves = [t for t in torch.utils._pytree.tree_leaves(inputs) if isinstance(t, Tensor)]
+    if not leaves:
+        raise TypeError(f"inputs must be a tensor or a container of tensors, got {type(inputs)!r}")
+    return int(leaves[0].shape[0]) if leaves[0].ndim else 1
+
+
+def make_functional_loss(
+    model: nn.Module,
+    loss_fn: Callable[[Any, Any], Tensor],
+    frozen: Mapping[str, Tensor],
+    inputs: Any,
+    targets: Any,
+) -> Callable[[Params], Tensor]:
+    """``theta -> loss_fn(model(inputs; theta, frozen), targets)`` through ``functional_call``.
+
+    ``frozen`` holds the buffers and the parameters that are not differentiated; ``theta`` the rest.
+    """
+
+    def loss(theta: Params) -> Tensor:
+        outputs = functional_call(model, {**frozen, **theta}, (inputs,))
+        return loss_fn(outputs, targets)
+
+    return loss
+
+
+def make_functional_outputs(
+    model: nn.Module, frozen: Mapping[str, Tensor], inputs: Any
+) -> Callable[[Params], Tensor]:
+    """``theta -> model(inputs; theta, frozen)``, the network outputs ``(n, k)``."""
+
+    def outputs(theta: Params) -> Tensor:
+        return functional_call(model, {**frozen, **theta}, (inputs,))
+
+    return outputs
+
+
+def stochastic_modules_in_train_mode(model: nn.Module) -> list[str]:
+    """Names of BatchNorm, Dropout and attention-dropout modules that are in training mode."""
+    found = []
+    for name, m in model.named_modules():
+        attention_dropout = isinstance(m, nn.MultiheadAttention) and m.dropout > 0
+        if m.training and (isinstance(m, _BATCHNORM | _DROPOUT) or attention_dropout):
+            found.append(name or type(m).__name__)
+    return found
+
+
+@contextmanager
+def forward_context(
+    model: nn.Module, *, train_mode: bool, seed: int, device: torch.device
+) -> Iterator[None]:
+    """Run forwards of ``model`` as a fixed, side-effect-free function, then restore everything.
+
+    - ``train_mode=False``: the model is put in eval mode; ``True``: modes are left as they are,
+      but train-mode BatchNorm stops tracking running statistics (its output, from batch
+      statistics, is unchanged; its buffers are never written).
+    - The global RNG (CPU and the model's CUDA device) is forked and seeded with ``seed``, so every
+      forward draws the same Dropout masks and the caller's RNG state is untouched.
+    - Scaled dot-product attention uses the math backend: the fused CPU kernels implement neither
+      forward-mode AD nor double backward.
+    - Module training flags and ``track_running_stats`` are restored exactly, module by module.
+    """
+    modules = list(model.modules())
+    flags = [m.training for m in modules]
+    tracking = [m for m in modules if isinstance(m, _BATCHNORM) and m.track_running_stats]
+    module: nn.Module
+    cuda = [device] if device.type == "cuda" else []
+    try:
+        if not train_mode:
+            model.eval()
+        for bn in tracking:
+            bn.track_running_stats = bn.training is False  # eval mode still reads running stats
+        with torch.random.fork_rng(devices=cuda), sdpa_kernel(SDPBackend.MATH):
+            torch.default_generator.manual_seed(seed)
+            if cuda:
+                torch.cuda.default_generators[device.index or 0].manual_seed(seed)
+            yield
+    finally:
+        for module, flag in zip(modules, flags, strict=True):
+            module.training = flag
+        for bn in tracking:
+            bn.track_running_stats = True
+
+
+def _as_tuple(tensors: tuple[Tensor | None, ...], like: list[Tensor]) -> list[Tensor]:
+    return [torch.zeros_like(x) if t is None else t for t, x in zip(tensors, like, strict=True)]
+
+
+def make_hvp_revrev(
+    loss: Callable[[Params], Tensor],
+    primals: Params,
+    layout: ParamLayout,
+    *,
+    context: Callable[[], Any],
+    check_loss: Callable[..., None],
+) -> Product:
+    """Reverse-over-reverse HVP factory: one forward/backward now, one second backward per vector.
+
+    The first-order graph (activations and the gradient's own graph, roughly two to three times
+    the memory of a training step) is held by the returned closure until it is dropped.
+    """
+    leaves = [p.detach().requires_grad_(True) for p in primals.values()]
+    with torch.enable_grad():
+        with context():
+            value = loss(dict(zip(layout.names, leaves, strict=True)))
+        check_loss(value)
+        grads = torch.autograd.grad(value, leaves, create_graph=True, allow_unused=True)
+    live = [(g, x) for g, x in zip(grads, leaves, strict=True) if g is not None and g.requires_grad]
+    out_grads = [g for g, _ in live]
+
+    def product(V: Tensor) -> Tensor:
+        columns = []
+        for j in range(V.shape[1]):
+            vs = layout.unravel(V[:, j])
+            if not live:
+                columns.append(torch.zeros_like(V[:, j]))
+                continue
+            hv = torch.autograd.grad(
+                out_grads,
+                leaves,
+                grad_outputs=[vs[n] for n, g in zip(layout.names, grads, strict=True)
+                              if g is not None and g.requires_grad],
+                retain_graph=True,
+                allow_unused=True,
+            )
+            columns.append(torch.cat([h.reshape(-1) for h in _as_tuple(hv, leaves)]))
+        return torch.stack(columns, dim=1)  # (P, m)
+
+    return product
+
+
+def make_hvp_fwdrev(
+    loss: Callable[[Params], Tensor],
+    primals: Params,
+    layout: ParamLayout,
+    *,
+    context: Callable[[], Any],
+    check_loss: Callable[..., None],
+    batched: bool = True,
+) -> Product:
+    """Forward-over-reverse HVP factory: ``jvp(grad(loss))``, ``vmap``-ed over the columns of V.
+
+    Each call recomputes the forward and backward with dual numbers; ``batched=False`` loops the
+    columns instead of ``vmap``. The vmapped route is tested against dense Hessians on LayerNorm
+    models, where torch 2.13's forward-mode derivative of a vmapped *vjp* is wrong; vmap outside
+    ``jvp(grad)`` is exact there.
+    """
+
+    def checked_loss(theta: Params) -> Tensor:
+        value = loss(theta)
+        check_loss(value, finite=False)  # values inside transforms cannot be read
+        return value
+
+    gradient = grad(checked_loss)
+
+    def hvp(v: Params) -> Params:
+        return jvp(gradient, (primals,), (v,))[1]
+
+    def product(V: Tensor) -> Tensor:
+        with context():
+            if batched and V.shape[1] > 1:
+                out = vmap(hvp)(layout.unravel_columns(V))  # each (m, *shape)
+                return layout.ravel_columns(out)  # (P, m)
+            return torch.stack([layout.ravel(hvp(layout.unravel(V[:, j])))
+                                for j in range(V.shape[1])], dim=1)  # (P, m)
+
+    return product
+
+
+def make_ggnvp_revrev(
+    outputs: Callable[[Params], Tensor],
+    loss_of_outputs: Callable[[Tensor], Tensor],
+    primals: Params,
+    layout: ParamLayout,
+    *,
+    context: Callable[[], Any],
+    check_loss: Callable[..., None],
+) -> Product:
+    """Gauss-Newton-vector products ``J^T H_f J v`` by reverse mode only (graph kept between calls).
+
+    ``J v`` comes from the double-vjp trick: ``u -> J^T u`` is linear in ``u``, so differentiating
+    ``<J^T u, v>`` with respect to ``u`` gives ``J v``. ``H_f``, the Hessian of the batch loss with
+    respect to the outputs, is applied by a second backward through ``loss_of_outputs``.
+    """
+    leaves = [p.detach().requires_grad_(True) for p in primals.values()]
+    with torch.enable_grad():
+        with context():
+            f = outputs(dict(zip(layout.names, leaves, strict=True)))  # (n, k)
+        f_leaf = f.detach().requires_grad_(True)
+        value = loss_of_outputs(f_leaf)
+        check_loss(value)
+        grad_f = torch.autograd.grad(value, f_leaf, create_graph=True)[0]  # (n, k)
+        u = torch.zeros_like(f, requires_grad=True)  # dummy cotangent (n, k)
+        jtu = torch.autograd.grad(f, leaves, grad_outputs=u, create_graph=True, allow_unused=True)
+    jtu_live = [(t, n) for t, n in zip(jtu, layout.names, strict=True) if t is not None]
+
+    def product(V: Tensor) -> Tensor:
+        columns = []
+        for j in range(V.shape[1]):
+            vs = layout.unravel(V[:, j])
+            jv = torch.autograd.grad([t for t, _ in jtu_live], u,
+                                     grad_outputs=[vs[n] for _, n in jtu_live],
+                                     retain_graph=True, allow_unused=True)[0]  # (n, k)
+            if jv is None or not grad_f.requires_grad:  # outputs constant, or loss linear in them
+                columns.append(torch.zeros_like(V[:, j]))
+                continue
+            hjv = torch.autograd.grad(grad_f, f_leaf, grad_outputs=jv, retain_graph=True)[0]
+            out = torch.autograd.grad(f, leaves, grad_outputs=hjv, retain_graph=True,
+                                      allow_unused=True)
+            columns.append(torch.cat([h.reshape(-1) for h in _as_tuple(out, leaves)]))
+        return torch.stack(columns, dim=1)  # (P, m)
+
+    return product
+
+
+def make_ggnvp_fwdrev(
+    outputs: Callable[[Params], Tensor],
+    loss_of_outputs: Callable[[Tensor], Tensor],
+    primals: Params,
+    layout: ParamLayout,
+    *,
+    context: Callable[[], Any],
+    check_loss: Callable[..., None],
+) -> Product:
+    """Gauss-Newton-vector products with ``J v`` by forward mode and ``J^T w`` by one vjp.
+
+    The forward is run once per call (``vjp``) plus once per vector (``jvp``, vmapped over V).
+    """
+
+    def loss_grad(f: Tensor) -> Tensor:
+        value = loss_of_outputs(f)
+        check_loss(value, finite=False)
+        return value
+
+    grad_f = grad(loss_grad)
+
+    def product(V: Tensor) -> Tensor:
+        with context():
+            f, vjp_fn = torch.func.vjp(outputs, primals)[:2]  # f (n, k)
+
+            def ggnvp(v: Params) -> Params:
+                jv = jvp(outputs, (primals,), (v,))[1]  # (n, k)
+                hjv = jvp(grad_f, (f,), (jv,))[1]  # (n, k)
+                return vjp_fn(hjv)[0]
+
+            out = vmap(ggnvp)(layout.unravel_columns(V))  # each (m, *shape)
+        return layout.ravel_columns(out)  # (P, m)
+
+    return product

@@ -1,0 +1,249 @@
+"""Dense references and a small model zoo, public so users can test their own estimators.
+
+The references differentiate the same weighted mean loss as the operators, by plain double
+backward (``torch.autograd.functional``, one backward per row). They deliberately avoid
+``torch.func.hessian`` and ``jacrev``: in torch 2.13 the forward-mode derivative of a vmapped vjp
+through ``layer_norm`` is wrong, which makes both of them wrong on models with LayerNorm.
+
+Example:
+    >>> import curvlab as cl
+    >>> case = cl.testing.make_case("mlp_tanh")
+    >>> H = cl.testing.dense_hessian(case.model, case.loss_fn, case.data)
+    >>> H.shape[0] == sum(p.numel() for p in case.model.parameters())
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from curvlab.func import batch_size
+from curvlab.operators import _as_batches, select_params
+
+
+def _flat_loss(model: nn.Module, loss_fn: Callable, data: Any, params: Iterable[str] | None
+               ) -> tuple[Callable[[Tensor], Tensor], Tensor, list[tuple[Any, Any]]]:
+    chosen = select_params(model, params, "dense reference")
+    names, shapes = list(chosen), [p.shape for p in chosen.values()]
+    theta = torch.cat([p.detach().reshape(-1) for p in chosen.values()])  # (P,)
+    batches = list(_as_batches(data, "dense reference")[0])
+
+    def unflat(t: Tensor) -> dict[str, Tensor]:
+        pieces = torch.split(t, [s.numel() for s in shapes])
+        return {n: x.view(s) for n, x, s in zip(names, pieces, shapes, strict=True)}
+
+    def mean_loss(t: Tensor) -> Tensor:
+        sizes = [batch_size(x) for x, _ in batches]
+        total = sum(n * loss_fn(functional_call(model, unflat(t), (x,)), y)
+                    for n, (x, y) in zip(sizes, batches, strict=True))
+        return total / sum(sizes)
+
+    return mean_loss, theta, batches
+
+
+def dense_hessian(model: nn.Module, loss_fn: Callable, data: Any,
+                  params: Iterable[str] | None = None) -> Tensor:
+    """The dense Hessian ``(P, P)`` of the size-weighted mean loss over ``data``."""
+    mean_loss, theta, _ = _flat_loss(model, loss_fn, data, params)
+    with sdpa_kernel(SDPBackend.MATH):
+        return torch.autograd.functional.hessian(mean_loss, theta)  # (P, P)
+
+
+def dense_ggn(model: nn.Module, loss_fn: Callable, data: Any,
+              params: Iterable[str] | None = None) -> Tensor:
+    """The dense Gauss-Newton matrix ``sum_b (n_b / N) J_b^T H_b J_b``, ``(P, P)``.
+
+    ``J_b`` is the Jacobian of the flattened outputs of batch ``b`` and ``H_b`` the Hessian of its
+    batch-mean loss with respect to those outputs, both by explicit (non-vectorized) autograd.
+    """
+    chosen = select_params(model, params, "dense_ggn")
+    _, theta, batches = _flat_loss(model, loss_fn, data, params)
+    names, shapes = list(chosen), [p.shape for p in chosen.values()]
+    G = torch.zeros(theta.numel(), theta.numel(), dtype=theta.dtype)  # (P, P)
+    total = 0
+    for x, y in batches:
+        def outputs(t: Tensor, x: Any = x) -> Tensor:
+            pieces = torch.split(t, [s.numel() for s in shapes])
+            params_ = {n: p.view(s) for n, p, s in zip(names, pieces, shapes, strict=True)}
+            return functional_call(model, params_, (x,)).reshape(-1)  # (n k,)
+
+        with sdpa_kernel(SDPBackend.MATH):
+            J = torch.autograd.functional.jacobian(outputs, theta)  # (n k, P)
+            f = outputs(theta).detach()  # (n k,)
+        with torch.no_grad():
+            shape = model(x).shape  # (n, k)
+        Hf = torch.autograd.functional.hessian(
+            lambda g, y=y, shape=shape: loss_fn(g.view(shape), y), f)  # (n k, n k)
+        n = batch_size(x)
+        G += n * (J.T @ Hf @ J)
+        total += n
+    return G / total
+
+
+# ----------------------------------------------------------------------------- model zoo
+
+
+class MLP(nn.Sequential):
+    """``d_in -> width -> width -> d_out`` with the given activation."""
+
+    def __init__(self, d_in: int = 6, width: int = 10, d_out: int = 3, act: type = nn.Tanh):
+        super().__init__(nn.Linear(d_in, width), act(), nn.Linear(width, width), act(),
+                         nn.Linear(width, d_out))
+
+
+class SmallCNN(nn.Module):
+    """Two 3x3 convolutions on ``(n, 1, 8, 8)`` images, then a linear head to ``d_out``."""
+
+    def __init__(self, channels: int = 4, d_out: int = 3):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, channels, 3)
+        self.conv2 = nn.Conv2d(channels, channels, 3, stride=2)
+        self.head = nn.Linear(channels * 2 * 2, d_out)
+
+    def forward(self, x: Tensor) -> Tensor:  # x (n, 1, 8, 8)
+        h = torch.relu(self.conv1(x))  # (n, c, 6, 6)
+        h = torch.tanh(self.conv2(h))  # (n, c, 2, 2)
+        return self.head(h.flatten(1))  # (n, d_out)
+
+
+class TinyTransformer(nn.Module):
+    """One pre-LayerNorm block: causal self-attention via ``F.scaled_dot_product_attention`` and an
+    MLP, both residual; mean pooling over tokens and a linear head. Inputs ``(n, T, d_in)``."""
+
+    def __init__(self, d_in: int = 4, d_model: int = 8, heads: int = 2, d_out: int = 3):
+        super().__init__()
+        self.heads = heads
+        self.embed = nn.Linear(d_in, d_model)
+        self.ln1, self.ln2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+        self.mlp = nn.Sequential(nn.Linear(d_model, 2 * d_model), nn.GELU(),
+                                 nn.Linear(2 * d_model, d_model))
+        self.head = nn.Linear(d_model, d_out)
+
+    def forward(self, x: Tensor) -> Tensor:  # x (n, T, d_in)
+        h = self.embed(x)  # (n, T, d)
+        n, T, d = h.shape
+        q, k, v = self.qkv(self.ln1(h)).split(d, dim=-1)  # each (n, T, d)
+        q, k, v = (t.view(n, T, self.heads, d // self.heads).transpose(1, 2)
+                   for t in (q, k, v))  # each (n, heads, T, d / heads)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (n, heads, T, d / heads)
+        h = h + self.proj(a.transpose(1, 2).reshape(n, T, d))  # (n, T, d)
+        h = h + self.mlp(self.ln2(h))  # (n, T, d)
+        return self.head(h.mean(dim=1))  # (n, d_out)
+
+
+class BatchNormMLP(nn.Sequential):
+    """Linear -> BatchNorm1d -> tanh -> Linear; the zoo uses it in eval mode."""
+
+    def __init__(self, d_in: int = 6, width: int = 10, d_out: int = 3):
+        super().__init__(nn.Linear(d_in, width), nn.BatchNorm1d(width), nn.Tanh(),
+                         nn.Linear(width, d_out))
+
+
+class DropoutMLP(nn.Sequential):
+    """An MLP with Dropout, for train-mode checks."""
+
+    def __init__(self, d_in: int = 6, width: int = 10, d_out: int = 3, p: float = 0.3):
+        super().__init__(nn.Linear(d_in, width), nn.Tanh(), nn.Dropout(p), nn.Linear(width, d_out))
+
+
+class SharedLayer(nn.Module):
+    """Applies one hidden layer twice (shared weights)."""
+
+    def __init__(self, d_in: int = 6, width: int = 8, d_out: int = 3):
+        super().__init__()
+        self.inp, self.hidden, self.out = (nn.Linear(d_in, width), nn.Linear(width, width),
+                                           nn.Linear(width, d_out))
+
+    def forward(self, x: Tensor) -> Tensor:  # x (n, d_in)
+        h = torch.tanh(self.inp(x))  # (n, width)
+        h = torch.tanh(self.hidden(h))  # (n, width)
+        h = torch.tanh(self.hidden(h))  # (n, width), the same weights again
+        return self.out(h)  # (n, d_out)
+
+
+class DictInput(nn.Module):
+    """Takes ``{"x": (n, d_x), "z": (n, d_z)}`` and mixes both streams."""
+
+    def __init__(self, d_x: int = 5, d_z: int = 3, width: int = 8, d_out: int = 2):
+        super().__init__()
+        self.fx, self.fz = nn.Linear(d_x, width), nn.Linear(d_z, width)
+        self.out = nn.Linear(width, d_out)
+
+    def forward(self, inputs: dict[str, Tensor]) -> Tensor:
+        h = torch.tanh(self.fx(inputs["x"])) * torch.sigmoid(self.fz(inputs["z"]))  # (n, width)
+        return self.out(h)  # (n, d_out)
+
+
+def mse(outputs: Tensor, targets: Tensor) -> Tensor:
+    """``mean_i 0.5 ||f_i - y_i||^2`` (summed over outputs), MATH.md's convention."""
+    return 0.5 * (outputs - targets).pow(2).sum(-1).mean()
+
+
+def log_cosh(outputs: Tensor, targets: Tensor) -> Tensor:
+    """A custom smooth robust loss, ``mean_i sum_k log cosh(f_ik - y_ik)``."""
+    return torch.log(torch.cosh(outputs - targets)).sum(-1).mean()
+
+
+@dataclass(frozen=True)
+class Case:
+    """A zoo entry: a model (in eval mode), its loss, and data (one batch or a list of batches)."""
+
+    name: str
+    model: nn.Module
+    loss_fn: Callable[[Any, Any], Tensor]
+    data: Any
+
+
+CASES = ("mlp_tanh", "mlp_relu", "cnn", "transformer", "batchnorm", "shared", "dict_input",
+         "multibatch")
+
+
+def make_case(name: str, *, dtype: torch.dtype = torch.float64, seed: int = 0) -> Case:
+    """Build zoo case ``name`` (one of :data:`CASES`, or ``"dropout"``) with a fixed seed."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # module initializers draw from the global generator
+
+    def randn(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=g, dtype=dtype)
+
+    def labels(n: int, k: int = 3) -> Tensor:
+        return torch.randint(0, k, (n,), generator=g)
+
+    model: nn.Module
+    loss_fn: Callable[[Any, Any], Tensor]
+    if name in ("mlp_tanh", "multibatch"):
+        model, loss_fn = MLP(), mse
+        data: Any = (randn(12, 6), randn(12, 3))
+        if name == "multibatch":
+            data = [(randn(n, 6), randn(n, 3)) for n in (7, 3, 12)]
+    elif name == "mlp_relu":
+        model, loss_fn, data = MLP(act=nn.ReLU), F.cross_entropy, (randn(12, 6), labels(12))
+    elif name == "cnn":
+        model, loss_fn, data = SmallCNN(), F.cross_entropy, (randn(10, 1, 8, 8), labels(10))
+    elif name == "transformer":
+        model, loss_fn, data = TinyTransformer(), F.cross_entropy, (randn(6, 5, 4), labels(6))
+    elif name == "batchnorm":
+        model, loss_fn, data = BatchNormMLP(), mse, (randn(12, 6), randn(12, 3))
+        with torch.no_grad():  # give the running statistics non-trivial values
+            model.to(dtype)(randn(32, 6) * 2 + 1)
+    elif name == "shared":
+        model, loss_fn, data = SharedLayer(), mse, (randn(12, 6), randn(12, 3))
+    elif name == "dict_input":
+        model, loss_fn = DictInput(), log_cosh
+        data = ({"x": randn(12, 5), "z": randn(12, 3)}, randn(12, 2))
+    elif name == "dropout":
+        model, loss_fn, data = DropoutMLP(), mse, (randn(12, 6), randn(12, 3))
+    else:
+        raise ValueError(f"make_case: unknown case {name!r}; choose from {(*CASES, 'dropout')}")
+    model = model.to(dtype).eval()
+    return Case(name, model, loss_fn, data)

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Install curvlab (editable) with its test tools into the active Python environment.
+#
+# torch is handled first and on its own: an already installed torch (CPU or CUDA) is kept as it is,
+# and when none is installed the pinned CPU build is installed. A bare `pip install torch` would pull
+# the multi-GB CUDA build from PyPI. Every later pip call is constrained to the installed torch, so
+# no extra (the `compare` libraries, Lightning) can replace it.
+#
+# Environment:
+#   CURVLAB_EXTRAS     extras to install (default: dev), e.g. "dev,compare"
+#   TORCH_VERSION      torch to install when none is present (default: 2.13.0)
+#   TORCH_INDEX_URL    index for that install, e.g. https://download.pytorch.org/whl/cpu
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+extras=${CURVLAB_EXTRAS:-dev}
+
+if ! "$PY" -c "import torch" >/dev/null 2>&1; then
+    echo "install: no torch found; installing the CPU build torch==${TORCH_VERSION:-2.13.0}"
+    "$PY" -m pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==${TORCH_VERSION:-2.13.0}"
+fi
+torch_version=$("$PY" -c "import torch; print(torch.__version__)")
+constraints=$(mktemp)
+trap 'rm -f "$constraints"' EXIT
+echo "torch==${torch_version}" >"$constraints"
+echo "install: keeping torch ${torch_version}; installing curvlab[${extras}]"
+
+"$PY" -m pip install --quiet -c "$constraints" -e ".[${extras}]"
