@@ -251,13 +251,16 @@ def make_hvp_fwdrev(
     def hvp(v: Params) -> Params:
         return jvp(gradient, (primals,), (v,))[1]
 
+    def column(v: Tensor) -> Tensor:
+        with context():  # a fresh context per forward: the same Dropout masks every time
+            return layout.ravel(hvp(layout.unravel(v)))
+
     def product(V: Tensor) -> Tensor:
-        with context():
-            if batched and V.shape[1] > 1:
-                out = vmap(hvp)(layout.unravel_columns(V))  # each (m, *shape)
-                return layout.ravel_columns(out)  # (P, m)
-            return torch.stack([layout.ravel(hvp(layout.unravel(V[:, j])))
-                                for j in range(V.shape[1])], dim=1)  # (P, m)
+        if batched and V.shape[1] > 1:
+            with context():  # randomness="same": one mask for all columns, as unbatched
+                out = vmap(hvp, randomness="same")(layout.unravel_columns(V))  # each (m, *shape)
+            return layout.ravel_columns(out)  # (P, m)
+        return torch.stack([column(V[:, j]) for j in range(V.shape[1])], dim=1)  # (P, m)
 
     return product
 
@@ -330,15 +333,18 @@ def make_ggnvp_fwdrev(
     grad_f = grad(loss_grad)
 
     def product(V: Tensor) -> Tensor:
+        # Each forward starts from a freshly seeded context, so Dropout masks agree between the
+        # vjp forward and the (vmapped, randomness="same") jvp forwards.
         with context():
             f, vjp_fn = torch.func.vjp(outputs, primals)[:2]  # f (n, k)
 
-            def ggnvp(v: Params) -> Params:
-                jv = jvp(outputs, (primals,), (v,))[1]  # (n, k)
-                hjv = jvp(grad_f, (f,), (jv,))[1]  # (n, k)
-                return vjp_fn(hjv)[0]
+        def ggnvp(v: Params) -> Params:
+            jv = jvp(outputs, (primals,), (v,))[1]  # (n, k)
+            hjv = jvp(grad_f, (f,), (jv,))[1]  # (n, k)
+            return vjp_fn(hjv)[0]
 
-            out = vmap(ggnvp)(layout.unravel_columns(V))  # each (m, *shape)
+        with context():
+            out = vmap(ggnvp, randomness="same")(layout.unravel_columns(V))  # each (m, *shape)
         return layout.ravel_columns(out)  # (P, m)
 
     return product

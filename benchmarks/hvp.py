@@ -1,0 +1,309 @@
+"""Hessian-vector product throughput: curvlab's routes against a gradient and other libraries.
+
+For three float32 models with cross-entropy on random data (fixed ``torch.Generator``, no
+downloads) -- an MLP 784-512-512-10 (ReLU, batch 1024), a CNN with two 3x3 convolutions (16 and 32
+channels) on 1x28x28 images (batch 256) and a one-block transformer (``curvlab.testing``,
+d_model 64, 4 heads, 32 tokens, batch 64) -- it measures the median wall time of:
+
+1. a gradient: one forward and backward of the mean loss (``torch.autograd.grad``);
+2. curvlab's ``H @ v`` (operator built once, outside the timing) for ``rev-rev`` with the kept
+   first-order graph (the default for one batch), ``rev-rev`` without reuse and ``fwd-rev``;
+3. baselines: plain double backward with torch.autograd (the first-order graph rebuilt for every
+   product), PyHessian's cached product (``pyhessian.utils.hessian_vector_product`` on the graph
+   its ``hessian`` constructor builds once) and curvlinops' ``HessianLinearOperator``, when those
+   optional packages are importable;
+4. curvlab's ``H @ V`` for blocks ``V (P, m)``, m = 1, 8, 32: per-vector time and products/s.
+
+Candidates of one group are timed interleaved (round robin, rotating order) after a warm-up, so
+the ratios of a run compare like with like. Every timing runs with the math attention backend,
+which curvlab uses too (the fused CPU kernels have no double backward).
+
+Targets (CPU, ratios within one run): with graph reuse, curvlab's product is no slower than
+PyHessian's cached product (expected about 1.3-2x a gradient); without reuse, curvlab's rev-rev is
+no slower than plain double backward; per vector, m = 8 is no slower than m = 1.
+
+Run ``python benchmarks/hvp.py`` (about ten minutes on two CPU cores) or ``--quick`` for a smoke
+run. Results go to ``benchmarks/results/hvp_<device>.json`` (``--out`` to change) and the tables
+in ``benchmarks/README.md`` are regenerated from every full-run JSON in ``benchmarks/results``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import curvlab as cl
+from curvlab.testing import TinyTransformer
+
+HERE = Path(__file__).resolve().parent
+MODELS = ("mlp", "cnn", "transformer")
+BLOCKS = (1, 8, 32)
+CURVLAB = {  # label -> HessianOperator keyword arguments
+    "curvlab rev-rev reuse": {"method": "rev-rev"},
+    "curvlab rev-rev no reuse": {"method": "rev-rev", "reuse_graph": False},
+    "curvlab fwd-rev no reuse": {"method": "fwd-rev", "reuse_graph": False},
+}
+TOLERANCE = 1.05  # a ratio up to this is reported as "within noise" rather than "no"
+
+
+class CNN(nn.Module):
+    """Two 3x3 convolutions on ``(n, 1, 28, 28)`` images, then a linear head."""
+
+    def __init__(self, c1: int = 16, c2: int = 32, d_out: int = 10) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(1, c1, 3), nn.Conv2d(c1, c2, 3, stride=2)
+        self.head = nn.Linear(c2 * 12 * 12, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (n, 1, 28, 28)
+        h = torch.relu(self.conv2(torch.relu(self.conv1(x))))  # (n, c2, 12, 12)
+        return self.head(h.flatten(1))  # (n, d_out)
+
+
+def make_problem(name: str, quick: bool, device: torch.device) -> tuple[nn.Module, Any, Any, str]:
+    """``(model, inputs, targets, description)``; weights and data are seeded."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    if name == "mlp":
+        n = 128 if quick else 1024
+        model: nn.Module = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512),
+                                         nn.ReLU(), nn.Linear(512, 10))
+        x, text = torch.randn(n, 784, generator=gen), "MLP 784-512-512-10 ReLU"
+    elif name == "cnn":
+        n = 32 if quick else 256
+        model, x = CNN(), torch.randn(n, 1, 28, 28, generator=gen)
+        text = "CNN conv3x3(16)-conv3x3/2(32)-linear, 1x28x28"
+    else:
+        n = 8 if quick else 64
+        model = TinyTransformer(d_in=16, d_model=64, heads=4, d_out=10)
+        x, text = torch.randn(n, 32, 16, generator=gen), "transformer d=64, 4 heads, T=32"
+    y = torch.randint(0, 10, (n,), generator=gen)
+    return model.to(device).eval(), x.to(device), y.to(device), f"{text}, batch {n}"
+
+
+def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int,
+                     device: torch.device) -> dict[str, float]:
+    """Median seconds per call of each function, calls interleaved in a rotating order."""
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    names, samples = list(fns), {name: [] for name in fns}
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            sync()
+            start = time.perf_counter()
+            fns[name]()
+            sync()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def baselines(model: nn.Module, criterion: nn.Module, x: Any, y: Any, v: torch.Tensor,
+              device: torch.device) -> tuple[dict[str, Callable[[], Any]], Callable[[], None]]:
+    """Products ``H v`` (``v`` flat) of the other routes, and a function to free their graphs."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    v_list = [c.view_as(p) for c, p in zip(v.split([p.numel() for p in params]), params)]
+
+    def flat(parts: Any) -> torch.Tensor:
+        return torch.cat([t.reshape(-1) for t in parts])
+
+    def double_backward() -> torch.Tensor:
+        g = torch.autograd.grad(criterion(model(x), y), params, create_graph=True)
+        return flat(torch.autograd.grad(g, params, grad_outputs=v_list))
+
+    fns: dict[str, Callable[[], Any]] = {"double backward": double_backward}
+    try:
+        import pyhessian
+        from pyhessian.utils import hessian_vector_product
+    except ImportError:
+        pass
+    else:  # the constructor runs loss.backward(create_graph=True) once
+        ph = pyhessian.hessian(model, criterion, data=(x, y), cuda=device.type == "cuda")
+        gradsH, ph_params = ph.gradsH, ph.params
+        fns["PyHessian cached"] = lambda: flat(hessian_vector_product(gradsH, ph_params, v_list))
+    try:
+        from curvlinops import HessianLinearOperator
+    except ImportError:
+        pass
+    else:
+        hc = HessianLinearOperator(model, criterion, params, [(x, y)], check_deterministic=False)
+        fns["curvlinops"] = lambda: hc @ v
+
+    def release() -> None:
+        for p in params:
+            p.grad = None  # PyHessian's graph lives in the .grad fields
+
+    return fns, release
+
+
+def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    model, x, y, text = make_problem(name, args.quick, device)
+    criterion = nn.CrossEntropyLoss()
+    params = [p for p in model.parameters() if p.requires_grad]
+    P = sum(p.numel() for p in params)
+    gen = torch.Generator().manual_seed(1)
+    blocks = {m: torch.randn(P, m, generator=gen).to(device) for m in BLOCKS}
+    v = blocks[1][:, 0].contiguous()  # (P,)
+    ops = {label: cl.HessianOperator(model, criterion, (x, y), **kw) for label, kw in CURVLAB.items()}
+    with sdpa_kernel(SDPBackend.MATH):
+        others, release = baselines(model, criterion, x, y, v, device)
+        fns: dict[str, Callable[[], Any]] = {
+            "gradient": lambda: torch.autograd.grad(criterion(model(x), y), params)}
+        fns.update({label: (lambda op=op: op @ v) for label, op in ops.items()})
+        fns.update(others)
+        reference = ops["curvlab rev-rev reuse"] @ v
+        rel_diff = {label: float((fn() - reference).norm() / reference.norm())
+                    for label, fn in fns.items() if label not in ("gradient",)}
+        t1 = time_interleaved(fns, args.repeats, args.warmup, device)
+        per_call = {label: {1: t1[label]} for label in ops}
+        for m in BLOCKS[1:]:
+            tm = time_interleaved({label: (lambda op=op, V=blocks[m]: op @ V)
+                                   for label, op in ops.items()}, args.repeats, args.warmup, device)
+            for label in ops:
+                per_call[label][m] = tm[label]
+        release()
+    grad = t1["gradient"]
+    ratios = {f"{label} / gradient": t / grad for label, t in t1.items() if label != "gradient"}
+    if "PyHessian cached" in t1:
+        ratios["curvlab reuse / PyHessian cached"] = t1["curvlab rev-rev reuse"] / t1[
+            "PyHessian cached"]
+    ratios["curvlab rev-rev no reuse / double backward"] = (t1["curvlab rev-rev no reuse"]
+                                                            / t1["double backward"])
+    for label in ops:
+        for m in BLOCKS[1:]:
+            ratios[f"{label} per vector m={m} / m=1"] = per_call[label][m] / m / per_call[label][1]
+    return {
+        "description": text, "num_params": P, "batch": int(y.shape[0]),
+        "median_s": {label: t for label, t in t1.items() if label not in ops},
+        "curvlab_median_s_per_call": {lab: {str(m): t for m, t in d.items()}
+                                      for lab, d in per_call.items()},
+        "per_vector_s": {lab: {str(m): t / m for m, t in d.items()} for lab, d in per_call.items()},
+        "products_per_s": {lab: {str(m): m / t for m, t in d.items()}
+                           for lab, d in per_call.items()},
+        "ratios": ratios, "relative_difference_to_curvlab_reuse": rel_diff,
+    }
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    def git(*cmd: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *cmd], cwd=HERE, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        cpuinfo = Path("/proc/cpuinfo")
+        lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+        models = [ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")]
+        name = models[0] if models else platform.processor() or platform.machine()
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "torch": torch.__version__, "python": platform.python_version(), "device": str(device),
+        "device_name": name, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(status) if status is not None
+        else None,
+    }
+
+
+def verdict(ratio: float | None) -> str:
+    if ratio is None:
+        return "n/a"
+    return "yes" if ratio <= 1 else "within 5%" if ratio <= TOLERANCE else "no"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The tables of one run: times per model and route, then the targets."""
+    env = result["environment"]
+    lines = [f"### {env['device']}: {env['device_name']}",
+             f"torch {env['torch']}, Python {env['python']}, {env['torch_threads']} threads, "
+             f"{env['date']}, commit {(env['git_commit'] or '?')[:10]}, "
+             f"median of {result['settings']['repeats']} repeats.", "",
+             "| model | P | route | ms per product (m=1) | x gradient | ms per vector "
+             "m=8 / m=32 | products/s m=1 / 8 / 32 |", "|---|---:|---|---:|---:|---:|---:|"]
+    for name, r in result["models"].items():
+        grad = r["median_s"]["gradient"]
+        lines.append(f"| {r['description']} | {r['num_params']:,} | gradient | "
+                     f"{1e3 * grad:.2f} | 1.00 | | |")
+        for label, d in r["per_vector_s"].items():
+            pps = " / ".join(f"{r['products_per_s'][label][m]:.1f}" for m in d)
+            lines.append(f"| | | {label} | {1e3 * d['1']:.2f} | {d['1'] / grad:.2f} | "
+                         f"{1e3 * d['8']:.2f} / {1e3 * d['32']:.2f} | {pps} |")
+        for label, t in r["median_s"].items():
+            if label != "gradient":
+                lines.append(f"| | | {label} | {1e3 * t:.2f} | {t / grad:.2f} | | |")
+    lines += ["", "| model | reuse / PyHessian cached | rev-rev no reuse / double backward | "
+              "per vector m=8 / m=1 (reuse, no reuse, fwd-rev) |", "|---|---|---|---|"]
+    for name, r in result["models"].items():
+        q = r["ratios"]
+        cells = [q.get("curvlab reuse / PyHessian cached"),
+                 q["curvlab rev-rev no reuse / double backward"]]
+        per_vec = [q[f"{label} per vector m=8 / m=1"] for label in CURVLAB]
+        text = [f"{c:.2f} ({verdict(c)})" if c is not None else "n/a" for c in cells]
+        text.append(", ".join(f"{c:.2f} ({verdict(c)})" for c in per_vec))
+        lines.append(f"| {name} | " + " | ".join(text) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_readme() -> None:
+    runs = [json.loads(p.read_text()) for p in sorted((HERE / "results").glob("hvp_*.json"))]
+    runs = [r for r in runs if not r["settings"]["quick"]]
+    head = ("# Benchmarks\n\nGenerated by `benchmarks/hvp.py` from `results/hvp_<device>.json`; "
+            "rerun with `python benchmarks/hvp.py` (options: `--device`, `--repeats`, `--quick`, "
+            "`--out`). Ratios compare timings of the same run; a target ratio <= 1 is met "
+            f"(\"within 5%\": <= {TOLERANCE}, inside timing noise).\n\n"
+            "## Hessian-vector products\n\n")
+    (HERE / "README.md").write_text(head + "\n".join(markdown(r) for r in runs))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls (default 15; 3)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")
+    parser.add_argument("--quick", action="store_true", help="small batches, few repeats")
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON path (default benchmarks/results/hvp_<device>[_quick].json)")
+    args = parser.parse_args(argv)
+    args.repeats = args.repeats or (3 if args.quick else 15)
+    device = torch.device(args.device)
+    suffix = "_quick" if args.quick else ""
+    out = args.out or HERE / "results" / f"hvp_{device.type}{suffix}.json"
+    models = {}
+    for name in args.models:
+        print(f"benchmarking {name} ...", file=sys.stderr, flush=True)
+        models[name] = bench_model(name, args, device)
+    result = {"settings": {"repeats": args.repeats, "warmup": args.warmup, "quick": args.quick,
+                           "blocks": list(BLOCKS), "dtype": "float32", "models": args.models},
+              "environment": environment(device), "models": models}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(markdown(result))
+    if out.resolve().parent == (HERE / "results").resolve():
+        write_readme()
+
+
+if __name__ == "__main__":
+    main()
