@@ -18,7 +18,7 @@ from curvlab.operators import HessianOperator
 from curvlab.testing import MLP, mse
 
 
-def demo(steps: int = 300, lr: float = 0.05, width: int = 64, seed: int = 0) -> list[float]:
+def demo(steps: int = 300, lr: float = 0.5, width: int = 64, seed: int = 0) -> list[float]:
     """Train a small tanh MLP on a teacher task with full-batch GD and print its sharpness.
 
     The sharpness (top Hessian eigenvalue of the mean MSE loss) is computed from exact
@@ -57,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p_demo = sub.add_parser("demo", help="train a small MLP and print its sharpness")
     p_demo.add_argument("--steps", type=int, default=300)
-    p_demo.add_argument("--lr", type=float, default=0.05)
+    p_demo.add_argument("--lr", type=float, default=0.5)
     p_demo.add_argument("--width", type=int, default=64)
     p_demo.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
