@@ -10,7 +10,7 @@ run: install
 	$(PYTHON) -m curvlab.cli demo
 
 test: install
-	$(PYTHON) -m ruff check curvlab tests benchmarks examples
+	$(PYTHON) -m ruff check .
 	$(PYTHON) -m mypy curvlab
 	$(PYTHON) -m pytest -q
 
