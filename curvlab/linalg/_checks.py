@@ -1,0 +1,48 @@
+"""Operator validation and a counted, checked matvec shared by the estimators."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def check_operator(A: Any, call: str) -> int:
+    """Return ``P`` for a square operator ``A`` (anything with shape, dtype, device and ``@``)."""
+    shape = getattr(A, "shape", None)
+    if shape is None or len(shape) != 2 or shape[0] != shape[1] or not hasattr(A, "__matmul__"):
+        raise TypeError(f"{call}: A must be a square operator with .shape (P, P), .dtype, .device "
+                        f"and A @ v (a dense tensor qualifies), got {type(A).__name__}")
+    if not (getattr(A, "dtype", None) is not None and A.dtype.is_floating_point):
+        raise TypeError(f"{call}: A must have a real floating dtype, got {A.dtype}")
+    return int(shape[0])
+
+
+def random_vectors(P: int, m: int, A: Any, generator: torch.Generator | None,
+                   kind: str = "normal") -> Tensor:
+    """``(P, m)`` float64 probe vectors on A's device: standard normal or Rademacher.
+
+    Drawn on the CPU from ``generator`` (or the global generator) so results do not depend on the
+    device.
+    """
+    if kind == "normal":
+        Z = torch.randn(P, m, generator=generator, dtype=torch.float64)
+    else:
+        Z = torch.randint(0, 2, (P, m), generator=generator).to(torch.float64) * 2 - 1
+    return Z.to(A.device)  # (P, m)
+
+
+class Matvec:
+    """``A @ V`` in A's dtype with results in float64, counted per column and checked finite."""
+
+    def __init__(self, A: Any, call: str) -> None:
+        self.A, self.call, self.count = A, call, 0
+
+    def __call__(self, V: Tensor, iteration: int) -> Tensor:
+        out = self.A @ V.to(self.A.dtype)  # (P,) or (P, m)
+        self.count += 1 if V.ndim == 1 else V.shape[1]
+        if not torch.isfinite(out).all():
+            raise ValueError(f"{self.call}: the product at iteration {iteration} is not finite; "
+                             "check the operator (e.g. the loss at these parameters)")
+        return out.to(torch.float64)

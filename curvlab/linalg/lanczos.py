@@ -1,0 +1,239 @@
+"""Lanczos with full reorthogonalization and eigenvalue-accuracy stopping.
+
+Lanczos (1950) builds an orthonormal Krylov basis ``Q (P, m)`` and a tridiagonal ``T (m, m)``
+with ``A Q = Q T + beta_m q_{m+1} e_m^T`` (MATH.md section 3). The Ritz pairs ``(theta_i, Q s_i)``
+come from ``scipy.linalg.eigh_tridiagonal(T)``; the residual of pair ``i`` is
+``r_i = |beta_m s_i[m]|``.
+
+``tol`` is the relative accuracy of the returned eigenvalues. For a symmetric ``A`` there is an
+eigenvalue within ``r_i`` of ``theta_i`` (always), and within ``r_i^2 / gap_i`` when the other
+eigenvalues are at least ``gap_i`` away (Kato-Temple; Parlett, *The Symmetric Eigenvalue Problem*,
+section 11.7). The gap is estimated from the other Ritz values with a safety margin of their own
+residuals, ``gap_i = min_{j != i} (|theta_i - theta_j| - r_j)``; where that estimate is not
+larger than ``r_i`` the bound falls back to ``r_i``. Iteration stops as soon as every wanted bound
+is at most ``tol * |theta_i|``. This stops long before the residual itself is small (which is what
+``scipy.sparse.linalg.eigsh`` waits for) and never on the change between iterations (which can
+stop early with a much larger error).
+
+Memory: the basis is kept in float64 (the tridiagonal and reorthogonalization arithmetic too, even
+for a float32 operator): ``8 P m`` bytes for ``m`` iterations, plus one product's workspace.
+
+Example:
+    >>> import torch
+    >>> A = torch.diag(torch.arange(1.0, 101.0, dtype=torch.float64))
+    >>> res = lanczos(A, k=2, tol=1e-10, generator=torch.Generator().manual_seed(0))
+    >>> [round(x, 8) for x in res.eigenvalues.tolist()], res.converged
+    ([100.0, 99.0], True)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.linalg import eigh_tridiagonal
+from torch import Tensor
+
+from curvlab.linalg._checks import Matvec, check_operator, random_vectors
+from curvlab.linalg.results import ConvergenceError, EigResult
+
+WHICH = ("LA", "SA", "LM", "BE")
+
+
+class KrylovBasis:
+    """The Lanczos recurrence with full reorthogonalization (classical Gram-Schmidt, twice).
+
+    After ``m`` steps: ``Q[:, :m]`` orthonormal, ``alpha (m,)`` and ``beta (m,)`` with ``beta[-1]``
+    the norm of the next residual (0 after a breakdown, i.e. an invariant subspace).
+    """
+
+    def __init__(self, matvec: Matvec, q0: Tensor, capacity: int, *, check_symmetry: bool) -> None:
+        P = q0.shape[0]
+        self.matvec, self.check_symmetry = matvec, check_symmetry
+        self.Q = torch.empty(P, capacity, dtype=torch.float64, device=q0.device)  # (P, capacity)
+        self.alpha: list[float] = []
+        self.beta: list[float] = []
+        self.next_q: Tensor | None = q0 / q0.norm()  # (P,)
+        self.scale = 0.0  # running estimate of ||A||
+        self.breakdown_tol = 100 * torch.finfo(matvec.A.dtype).eps
+
+    @property
+    def m(self) -> int:
+        return len(self.alpha)
+
+    def step(self) -> bool:
+        """One Lanczos step; returns False on breakdown (``beta`` below the noise level)."""
+        m = self.m
+        assert self.next_q is not None
+        self.Q[:, m] = self.next_q
+        w = self.matvec(self.next_q, m)  # (P,)
+        w_norm = float(w.norm())
+        Qm = self.Q[:, : m + 1]  # (P, m + 1)
+        c = Qm.T @ w  # (m + 1,)
+        w = w - Qm @ c
+        if self.check_symmetry and m == 1:
+            self._check_symmetry(float(c[0]), w_norm)
+        c2 = Qm.T @ w  # (m + 1,), the second pass
+        w = w - Qm @ c2
+        alpha = float(c[m] + c2[m])
+        beta = float(w.norm())
+        self.alpha.append(alpha)
+        self.scale = max(self.scale, abs(alpha), beta, w_norm)
+        if beta <= self.breakdown_tol * self.scale:
+            self.beta.append(0.0)
+            self.next_q = None
+            return False
+        self.beta.append(beta)
+        self.next_q = w / beta
+        return True
+
+    def _check_symmetry(self, q0_A_q1: float, scale: float) -> None:
+        """``<q0, A q1>`` must equal ``beta_0 = <q1, A q0>``: a free check of symmetry."""
+        tol = 10 * math.sqrt(torch.finfo(self.matvec.A.dtype).eps) * max(scale, self.scale)
+        if abs(q0_A_q1 - self.beta[0]) > tol:
+            raise ValueError(f"{self.matvec.call}: the operator is not symmetric: "
+                             f"<q0, A q1> = {q0_A_q1:.6g} but <q1, A q0> = {self.beta[0]:.6g}; "
+                             "Lanczos needs a symmetric operator (pass check_symmetry=False to "
+                             "skip this check)")
+
+    def restart(self, generator: torch.Generator | None) -> bool:
+        """After a breakdown, continue with a random vector orthogonal to the basis."""
+        P, m = self.Q.shape[0], self.m
+        if m >= P:
+            return False
+        z = random_vectors(P, 1, self.matvec.A, generator)[:, 0]  # (P,)
+        for _ in range(2):
+            z = z - self.Q[:, :m] @ (self.Q[:, :m].T @ z)
+        if float(z.norm()) < 1e-8:
+            return False
+        self.next_q = z / z.norm()
+        return True
+
+    def ritz(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Ritz values ``(m,)``, eigenvectors of ``T`` ``(m, m)`` and residuals ``(m,)``."""
+        alpha = np.asarray(self.alpha)
+        theta, S = eigh_tridiagonal(alpha, np.asarray(self.beta[:-1])) if self.m > 1 else (
+            alpha, np.ones((1, 1)))
+        return theta, S, np.abs(self.beta[-1] * S[-1, :])
+
+
+def select(theta: np.ndarray, k: int, which: str) -> np.ndarray:
+    """Indices of the ``k`` wanted Ritz values, in the order they are returned."""
+    if which == "LA":
+        return np.argsort(-theta, kind="stable")[:k]
+    if which == "SA":
+        return np.argsort(theta, kind="stable")[:k]
+    if which == "LM":
+        return np.argsort(-np.abs(theta), kind="stable")[:k]
+    order = np.argsort(-theta, kind="stable")  # "BE": ceil(k/2) from the top, the rest from below
+    top, bottom = order[: (k + 1) // 2], order[::-1][: k // 2]
+    return np.concatenate([top, bottom[::-1]])
+
+
+def error_bounds(theta: np.ndarray, residuals: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """``min(r_i, r_i^2 / gap_i)`` per wanted Ritz value, gap estimated as in the module doc."""
+    bounds = []
+    for i in wanted:
+        others = np.delete(np.arange(theta.size), i)
+        gap = np.min(np.abs(theta[i] - theta[others]) - residuals[others]) if others.size else 0.0
+        r = residuals[i]
+        bounds.append(min(r, r * r / gap) if gap > r else r)
+    return np.asarray(bounds)
+
+
+def start_vector(v0: Tensor | None, P: int, A: Any, generator: torch.Generator | None,
+                 call: str) -> Tensor:
+    """``(P,)`` float64: ``v0`` (a block of previous eigenvectors is summed) or a random vector."""
+    if v0 is None:
+        return random_vectors(P, 1, A, generator)[:, 0]
+    if not isinstance(v0, Tensor) or v0.ndim not in (1, 2) or v0.shape[0] != P:
+        got = tuple(v0.shape) if isinstance(v0, Tensor) else type(v0).__name__
+        raise ValueError(f"{call}: v0 must be a vector ({P},) or a block ({P}, j), got {got}")
+    q = (v0 if v0.ndim == 1 else v0.sum(dim=1)).to(device=A.device, dtype=torch.float64)  # (P,)
+    if not torch.isfinite(q).all() or float(q.norm()) == 0.0:
+        raise ValueError(f"{call}: v0 must be finite and nonzero")
+    return q
+
+
+def check_arguments(P: int, k: int, tol: float, call: str) -> None:
+    if not 1 <= k < P:
+        raise ValueError(f"{call}: k must satisfy 1 <= k < P = {P}, got k={k}; for all "
+                         "eigenvalues of a small operator use torch.linalg.eigh on a dense matrix")
+    if not tol > 0:
+        raise ValueError(f"{call}: tol must be positive (a relative eigenvalue accuracy), "
+                         f"got {tol}")
+
+
+def lanczos(
+    A: Any,
+    k: int = 1,
+    *,
+    which: str = "LA",
+    tol: float = 1e-4,
+    max_iters: int | None = None,
+    v0: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    check_symmetry: bool = True,
+    throw: bool = False,
+) -> EigResult:
+    """``k`` eigenpairs of a symmetric operator ``A (P, P)`` by Lanczos.
+
+    Args:
+        A: a dense tensor or an operator with ``shape``, ``dtype``, ``device`` and ``A @ v``.
+        k: how many eigenpairs, ``1 <= k < P``.
+        which: ``"LA"`` largest algebraic, ``"SA"`` smallest, ``"LM"`` largest magnitude,
+            ``"BE"`` both ends (``ceil(k/2)`` from the top, the rest from the bottom).
+        tol: relative accuracy of every returned eigenvalue (see the module docstring).
+        max_iters: most Lanczos steps (= products); default ``min(P, max(100, 10 k + 50))``.
+        v0: warm start: a vector ``(P,)`` or a block ``(P, j)`` of previous eigenvectors.
+        generator: randomness for the start vector and restarts after a breakdown.
+        check_symmetry: compare ``<q0, A q1>`` with ``<q1, A q0>`` once (costs no product).
+        throw: raise :class:`ConvergenceError` instead of returning ``converged=False``.
+
+    Returns:
+        :class:`EigResult` with ``eigenvalues (k,)``, ``eigenvectors (P, k)`` and residuals.
+    """
+    call = "lanczos"
+    P = check_operator(A, call)
+    if which not in WHICH:
+        raise ValueError(f"{call}: which must be one of {WHICH}, got {which!r}")
+    check_arguments(P, k, tol, call)
+    max_iters = min(P, max(100, 10 * k + 50)) if max_iters is None else min(int(max_iters), P)
+    matvec = Matvec(A, call)
+    basis = KrylovBasis(matvec, start_vector(v0, P, A, generator, call), max_iters,
+                        check_symmetry=check_symmetry)
+    while True:
+        alive = basis.step()
+        theta, S, residuals = basis.ritz()
+        done = False
+        if theta.size >= k:
+            wanted = select(theta, k, which)
+            bounds = error_bounds(theta, residuals, wanted)
+            floor = math.sqrt(np.finfo(np.float64).eps) * np.max(np.abs(theta))
+            done = bool(np.all(bounds <= tol * np.maximum(np.abs(theta[wanted]), floor)))
+        if done or basis.m >= max_iters or (not alive and not basis.restart(generator)):
+            break
+    converged = done or basis.m == P
+    if theta.size < k:
+        wanted = select(theta, theta.size, which)
+        bounds = error_bounds(theta, residuals, wanted)
+    X = basis.Q[:, : basis.m] @ torch.as_tensor(S[:, wanted], device=basis.Q.device)  # (P, k)
+    rel = float(np.max(bounds / np.maximum(np.abs(theta[wanted]), 1e-300)))
+    message = (f"converged: {len(wanted)} eigenvalues to relative accuracy {rel:.1e} <= tol "
+               f"{tol:g} in {matvec.count} products" if converged else
+               f"not converged after {basis.m} iterations ({matvec.count} products): relative "
+               f"error bound {rel:.1e} > tol {tol:g}; raise max_iters (now {max_iters}), loosen "
+               "tol, or warm-start with v0 = the previous eigenvectors")
+    if not converged and throw:
+        raise ConvergenceError(f"{call}: {message}")
+    return EigResult(
+        eigenvalues=torch.as_tensor(theta[wanted].copy()),
+        eigenvectors=X.to(A.dtype),
+        residuals=torch.as_tensor(residuals[wanted].copy()),
+        error_bounds=torch.as_tensor(bounds),
+        num_matvecs=matvec.count,
+        converged=converged,
+        message=message,
+    )
