@@ -15,6 +15,13 @@ is at most ``tol * |theta_i|``. This stops long before the residual itself is sm
 ``scipy.sparse.linalg.eigsh`` waits for) and never on the change between iterations (which can
 stop early with a much larger error).
 
+The limit of the gap estimate: an eigenvalue that no Ritz value has resolved yet can sit closer to
+``theta_i`` than the estimate says. This happens with a cluster narrower than about
+``sqrt(tol * gap)``: Lanczos may then stall on a mixture of the cluster's eigenvectors, whose Ritz
+value is off by up to the cluster's width (never more) while ``r_i^2 / gap_i`` looks converged.
+Where such clusters matter and ``tol`` is below their width, pass ``bound="residual"``, which stops
+on the rigorous ``r_i`` alone (more products, as eigsh).
+
 Memory: the basis is kept in float64 (the tridiagonal and reorthogonalization arithmetic too, even
 for a float32 operator): ``8 P m`` bytes for ``m`` iterations, plus one product's workspace.
 
@@ -132,8 +139,11 @@ def select(theta: np.ndarray, k: int, which: str) -> np.ndarray:
     return np.concatenate([top, bottom[::-1]])
 
 
-def error_bounds(theta: np.ndarray, residuals: np.ndarray, wanted: np.ndarray) -> np.ndarray:
-    """``min(r_i, r_i^2 / gap_i)`` per wanted Ritz value, gap estimated as in the module doc."""
+def error_bounds(theta: np.ndarray, residuals: np.ndarray, wanted: np.ndarray,
+                 bound: str = "gap") -> np.ndarray:
+    """``min(r_i, r_i^2 / gap_i)`` per wanted Ritz value (gap as in the module doc), or ``r_i``."""
+    if bound == "residual":
+        return residuals[wanted]
     bounds = []
     for i in wanted:
         others = np.delete(np.arange(theta.size), i)
@@ -177,6 +187,7 @@ def lanczos(
     generator: torch.Generator | None = None,
     check_symmetry: bool = True,
     throw: bool = False,
+    bound: str = "gap",
 ) -> EigResult:
     """``k`` eigenpairs of a symmetric operator ``A (P, P)`` by Lanczos.
 
@@ -185,12 +196,15 @@ def lanczos(
         k: how many eigenpairs, ``1 <= k < P``.
         which: ``"LA"`` largest algebraic, ``"SA"`` smallest, ``"LM"`` largest magnitude,
             ``"BE"`` both ends (``ceil(k/2)`` from the top, the rest from the bottom).
-        tol: relative accuracy of every returned eigenvalue (see the module docstring).
+        tol: relative accuracy of every returned eigenvalue (see the module docstring), relative
+            to ``max(|theta|, sqrt(eps) * max|theta|)`` so that zero eigenvalues can converge.
         max_iters: most Lanczos steps (= products); default ``min(P, max(100, 10 k + 50))``.
         v0: warm start: a vector ``(P,)`` or a block ``(P, j)`` of previous eigenvectors.
         generator: randomness for the start vector and restarts after a breakdown.
         check_symmetry: compare ``<q0, A q1>`` with ``<q1, A q0>`` once (costs no product).
         throw: raise :class:`ConvergenceError` instead of returning ``converged=False``.
+        bound: ``"gap"`` stops on ``min(r, r^2 / gap)``; ``"residual"`` on the rigorous ``r``
+            alone (for clusters narrower than the tolerance, see the module docstring).
 
     Returns:
         :class:`EigResult` with ``eigenvalues (k,)``, ``eigenvectors (P, k)`` and residuals.
@@ -200,6 +214,8 @@ def lanczos(
     if which not in WHICH:
         raise ValueError(f"{call}: which must be one of {WHICH}, got {which!r}")
     check_arguments(P, k, tol, call)
+    if bound not in ("gap", "residual"):
+        raise ValueError(f"{call}: bound must be 'gap' or 'residual', got {bound!r}")
     max_iters = min(P, max(100, 10 * k + 50)) if max_iters is None else min(int(max_iters), P)
     matvec = Matvec(A, call)
     basis = KrylovBasis(matvec, start_vector(v0, P, A, generator, call), max_iters,
@@ -210,7 +226,7 @@ def lanczos(
         done = False
         if theta.size >= k:
             wanted = select(theta, k, which)
-            bounds = error_bounds(theta, residuals, wanted)
+            bounds = error_bounds(theta, residuals, wanted, bound)
             floor = math.sqrt(np.finfo(np.float64).eps) * np.max(np.abs(theta))
             done = bool(np.all(bounds <= tol * np.maximum(np.abs(theta[wanted]), floor)))
         if done or basis.m >= max_iters or (not alive and not basis.restart(generator)):
@@ -218,7 +234,7 @@ def lanczos(
     converged = done or basis.m == P
     if theta.size < k:
         wanted = select(theta, theta.size, which)
-        bounds = error_bounds(theta, residuals, wanted)
+        bounds = error_bounds(theta, residuals, wanted, bound)
     X = basis.Q[:, : basis.m] @ torch.as_tensor(S[:, wanted], device=basis.Q.device)  # (P, k)
     rel = float(np.max(bounds / np.maximum(np.abs(theta[wanted]), 1e-300)))
     message = (f"converged: {len(wanted)} eigenvalues to relative accuracy {rel:.1e} <= tol "
