@@ -6,7 +6,9 @@ For a unit vector ``v`` with Rayleigh quotient ``theta = v^T A v`` and residual
 values to estimate a gap from, so it stops on this bound alone: ``r <= tol * |theta|``, the same
 meaning of ``tol`` as in :func:`~curvlab.linalg.lanczos`, reached with more products. It converges
 to the eigenvalue of largest magnitude at the rate ``|lambda_2 / lambda_1|`` per product; pairs
-after the first are found on the deflated operator ``(I - X X^T) A (I - X X^T)``.
+after the first are found on the deflated operator ``(I - X X^T) A (I - X X^T)``, whose residual
+is the stopping bound (``error_bounds``); ``residuals`` are those of ``A`` itself, which also carry
+the small error of the earlier pairs.
 
 Example:
     >>> import torch
@@ -54,28 +56,28 @@ def power_iteration(
     check_arguments(P, k, tol, call)
     matvec = Matvec(A, call)
     X = torch.zeros(P, k, dtype=torch.float64, device=A.device)  # (P, k)
-    thetas, residuals, converged = [], [], True
+    thetas, residuals, bounds, converged = [], [], [], True
     for i in range(k):
         start = v0[:, i] if isinstance(v0, Tensor) and v0.ndim == 2 and i < v0.shape[1] else (
             v0 if i == 0 else None)
         v = start_vector(start, P, A, generator, call)  # (P,)
-        theta, r = 0.0, float("inf")
+        theta, r, x, Ax = 0.0, float("inf"), v, v
         for it in range(max_iters):
-            v = v - X[:, :i] @ (X[:, :i].T @ v)  # deflate
-            v = v / v.norm()
-            w = matvec(v, it)  # (P,)
-            w = w - X[:, :i] @ (X[:, :i].T @ w)
-            theta = float(v @ w)
-            r = float((w - theta * v).norm())
+            x = v - X[:, :i] @ (X[:, :i].T @ v)  # deflate, (P,)
+            x = x / x.norm()
+            Ax = matvec(x, it)  # (P,)
+            v = Ax - X[:, :i] @ (X[:, :i].T @ Ax)  # the deflated operator's product, (P,)
+            theta = float(x @ Ax)
+            r = float((v - theta * x).norm())  # residual of the deflated operator: the bound
             if r <= tol * abs(theta):
                 break
-            v = w
         else:
             converged = False
-        X[:, i] = v
+        X[:, i] = x
         thetas.append(theta)
-        residuals.append(r)
-    rel = max(r / max(abs(t), 1e-300) for r, t in zip(residuals, thetas, strict=True))
+        bounds.append(r)
+        residuals.append(float((Ax - theta * x).norm()))  # the residual of A itself
+    rel = max(b / max(abs(t), 1e-300) for b, t in zip(bounds, thetas, strict=True))
     message = (f"converged: relative error bound {rel:.1e} <= tol {tol:g} in {matvec.count} "
                "products" if converged else
                f"not converged: relative error bound {rel:.1e} > tol {tol:g} after "
@@ -83,6 +85,6 @@ def power_iteration(
                "(far fewer products for the same accuracy), or warm-start with v0")
     if not converged and throw:
         raise ConvergenceError(f"{call}: {message}")
-    r_t = torch.tensor(residuals, dtype=torch.float64)
-    return EigResult(torch.tensor(thetas, dtype=torch.float64), X.to(A.dtype), r_t, r_t.clone(),
-                     matvec.count, converged, message)
+    return EigResult(torch.tensor(thetas, dtype=torch.float64), X.to(A.dtype),
+                     torch.tensor(residuals, dtype=torch.float64),
+                     torch.tensor(bounds, dtype=torch.float64), matvec.count, converged, message)

@@ -46,5 +46,6 @@ def spectra() -> dict[str, Tensor]:
         "separated": torch.linspace(1.0, 100.0, 200, dtype=f64),
         "cluster": torch.cat([10.0 - 1e-3 * torch.arange(6, dtype=f64), bulk]),
         "gap_1e-6": torch.cat([torch.tensor([1.0, 1.0 - 1e-6], dtype=f64), bulk / 10]),
-        "negative": torch.cat([torch.tensor([-50.0], dtype=f64), torch.linspace(1, 10, 99, dtype=f64)]),
+        "negative": torch.cat([torch.tensor([-50.0], dtype=f64),
+                               torch.linspace(1, 10, 99, dtype=f64)]),
     }
