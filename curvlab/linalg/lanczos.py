@@ -197,7 +197,9 @@ def lanczos(
         which: ``"LA"`` largest algebraic, ``"SA"`` smallest, ``"LM"`` largest magnitude,
             ``"BE"`` both ends (``ceil(k/2)`` from the top, the rest from the bottom).
         tol: relative accuracy of every returned eigenvalue (see the module docstring), relative
-            to ``max(|theta|, sqrt(eps) * max|theta|)`` so that zero eigenvalues can converge.
+            to ``max(|theta|, sqrt(eps) * max|theta|)`` so that zero eigenvalues can converge
+            (``eps`` of the operator's dtype). Below float64, no bound is claimed under the
+            rounding of one product, ``eps * ||A||``.
         max_iters: most Lanczos steps (= products); default ``min(P, max(100, 10 k + 50))``.
         v0: warm start: a vector ``(P,)`` or a block ``(P, j)`` of previous eigenvectors.
         generator: randomness for the start vector and restarts after a breakdown.
@@ -220,28 +222,34 @@ def lanczos(
     matvec = Matvec(A, call)
     basis = KrylovBasis(matvec, start_vector(v0, P, A, generator, call), max_iters,
                         check_symmetry=check_symmetry)
+    # Products in lower precision carry rounding of about eps * ||A||: no residual or eigenvalue
+    # error is claimed below that (in float64 the tridiagonal residuals are already truthful).
+    noise = 0.0 if A.dtype == torch.float64 else torch.finfo(A.dtype).eps
     while True:
         alive = basis.step()
         theta, S, residuals = basis.ritz()
+        residuals = np.maximum(residuals, noise * basis.scale)
         done = False
         if theta.size >= k:
             wanted = select(theta, k, which)
-            bounds = error_bounds(theta, residuals, wanted, bound)
-            floor = math.sqrt(np.finfo(np.float64).eps) * np.max(np.abs(theta))
+            bounds = np.maximum(error_bounds(theta, residuals, wanted, bound), noise * basis.scale)
+            floor = math.sqrt(torch.finfo(A.dtype).eps) * np.max(np.abs(theta))
             done = bool(np.all(bounds <= tol * np.maximum(np.abs(theta[wanted]), floor)))
         if done or basis.m >= max_iters or (not alive and not basis.restart(generator)):
             break
     converged = done or basis.m == P
     if theta.size < k:
         wanted = select(theta, theta.size, which)
-        bounds = error_bounds(theta, residuals, wanted, bound)
+        bounds = np.maximum(error_bounds(theta, residuals, wanted, bound), noise * basis.scale)
     X = basis.Q[:, : basis.m] @ torch.as_tensor(S[:, wanted], device=basis.Q.device)  # (P, k)
     rel = float(np.max(bounds / np.maximum(np.abs(theta[wanted]), 1e-300)))
     message = (f"converged: {len(wanted)} eigenvalues to relative accuracy {rel:.1e} <= tol "
                f"{tol:g} in {matvec.count} products" if converged else
                f"not converged after {basis.m} iterations ({matvec.count} products): relative "
                f"error bound {rel:.1e} > tol {tol:g}; raise max_iters (now {max_iters}), loosen "
-               "tol, or warm-start with v0 = the previous eigenvectors")
+               "tol, or warm-start with v0 = the previous eigenvectors"
+               + (f" ({A.dtype} products limit the accuracy to about {noise:.0e} relative to "
+                  "||A||; use float64 for more)" if noise and tol < 10 * noise else ""))
     if not converged and throw:
         raise ConvergenceError(f"{call}: {message}")
     return EigResult(

@@ -146,3 +146,11 @@ def test_sharpness_matches_dense_top_eigenvalue() -> None:
     d = torch.full((H_dense.shape[0],), 0.25, dtype=torch.float64)
     scaled = cl.sharpness(c.model, c.loss_fn, c.data, scales=d, tol=1e-10, max_iters=200)
     assert abs(scaled - expected / 4) <= 1e-9 * abs(expected)
+
+
+def test_float32_operator_does_not_claim_accuracy_below_its_rounding() -> None:
+    A = with_spectrum(spectra()["separated"]).float()
+    res = cl.lanczos(A, 1, tol=1e-10, max_iters=60, generator=torch.Generator().manual_seed(0))
+    assert not res.converged
+    assert "torch.float32 products limit the accuracy" in res.message
+    assert res.error_bounds.item() >= torch.finfo(torch.float32).eps * 100
