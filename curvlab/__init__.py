@@ -4,6 +4,12 @@ See ``../shared/DESIGN.md`` for the public API and ``../shared/MATH.md`` for the
 """
 
 from curvlab import func, linalg, testing
+from curvlab.kernel_metrics import (
+    effective_rank,
+    kernel_alignment,
+    kernel_distance,
+    relative_change,
+)
 from curvlab.linalg import (
     ConvergenceError,
     EigResult,
@@ -15,6 +21,7 @@ from curvlab.linalg import (
     power_iteration,
     spectral_density,
 )
+from curvlab.ntk import NTKOperator, empirical_ntk, ntk_eigenvalues
 from curvlab.operators import GGNOperator, HessianOperator, OperatorBase
 from curvlab.preconditioning import Preconditioned, adam_scales, lr_scales, preconditioned
 from curvlab.sharpness import sharpness
@@ -26,20 +33,27 @@ __all__ = [
     "EigResult",
     "GGNOperator",
     "HessianOperator",
+    "NTKOperator",
     "OperatorBase",
     "Preconditioned",
     "SpectralDensity",
     "TraceResult",
     "__version__",
     "adam_scales",
+    "effective_rank",
+    "empirical_ntk",
     "func",
     "hutchinson_trace",
     "hutchpp_trace",
+    "kernel_alignment",
+    "kernel_distance",
     "lanczos",
     "linalg",
     "lr_scales",
+    "ntk_eigenvalues",
     "power_iteration",
     "preconditioned",
+    "relative_change",
     "sharpness",
     "spectral_density",
     "testing",
