@@ -189,6 +189,8 @@ def _layer_features(s: _Setup, x: Any, layers: dict[str, nn.Linear]
 
     ``U`` stacks tokens and repeated calls of the layer (both add up in its gradient).
     """
+    if not layers:
+        return {}
     calls: dict[str, list[tuple[Tensor, Tensor]]] = {name: [] for name in layers}
     hooks = [m.register_forward_hook(
         lambda mod, args, out, name=name: calls[name].append((args[0].detach(), out)))

@@ -88,6 +88,21 @@ def dense_ggn(model: nn.Module, loss_fn: Callable, data: Any,
     return G / total
 
 
+def dense_jacobian(model: nn.Module, x: Any, params: Iterable[str] | None = None) -> Tensor:
+    """The Jacobian ``(n, k, P)`` of the outputs on batch ``x`` by explicit autograd (eval mode)."""
+    chosen = select_params(model, params, "dense_jacobian")
+    names, shapes = list(chosen), [p.shape for p in chosen.values()]
+    theta = torch.cat([p.detach().reshape(-1) for p in chosen.values()])  # (P,)
+
+    def outputs(t: Tensor) -> Tensor:
+        pieces = torch.split(t, [s.numel() for s in shapes])
+        params_ = {n: p.view(s) for n, p, s in zip(names, pieces, shapes, strict=True)}
+        return functional_call(model, params_, (x,))  # (n, k)
+
+    with sdpa_kernel(SDPBackend.MATH):
+        return torch.autograd.functional.jacobian(outputs, theta)  # (n, k, P)
+
+
 # ----------------------------------------------------------------------------- model zoo
 
 
