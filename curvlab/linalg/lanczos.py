@@ -10,7 +10,10 @@ eigenvalue within ``r_i`` of ``theta_i`` (always), and within ``r_i^2 / gap_i`` 
 eigenvalues are at least ``gap_i`` away (Kato-Temple; Parlett, *The Symmetric Eigenvalue Problem*,
 section 11.7). The gap is estimated from the other Ritz values with a safety margin of their own
 residuals, ``gap_i = min_{j != i} (|theta_i - theta_j| - r_j)``; where that estimate is not
-larger than ``r_i`` the bound falls back to ``r_i``. Iteration stops as soon as every wanted bound
+larger than ``r_i`` the bound falls back to ``r_i``. The estimate is used only from ``k + 3``
+steps on: in a smaller Krylov space the other Ritz values are averages over much of the spectrum
+and sit far below the next eigenvalue (measured on a warm-started MLP Hessian: at 2 steps the
+estimated gap was 8 times the true one). Iteration stops as soon as every wanted bound
 is at most ``tol * |theta_i|``. This stops long before the residual itself is small (which is what
 ``scipy.sparse.linalg.eigsh`` waits for) and never on the change between iterations (which can
 stop early with a much larger error).
@@ -232,7 +235,8 @@ def lanczos(
         done = False
         if theta.size >= k:
             wanted = select(theta, k, which)
-            bounds = np.maximum(error_bounds(theta, residuals, wanted, bound), noise * basis.scale)
+            kind = bound if basis.m >= k + 3 else "residual"
+            bounds = np.maximum(error_bounds(theta, residuals, wanted, kind), noise * basis.scale)
             floor = math.sqrt(torch.finfo(A.dtype).eps) * np.max(np.abs(theta))
             done = bool(np.all(bounds <= tol * np.maximum(np.abs(theta[wanted]), floor)))
         if done or basis.m >= max_iters or (not alive and not basis.restart(generator)):

@@ -154,3 +154,29 @@ def test_float32_operator_does_not_claim_accuracy_below_its_rounding() -> None:
     assert not res.converged
     assert "torch.float32 products limit the accuracy" in res.message
     assert res.error_bounds.item() >= torch.finfo(torch.float32).eps * 100
+
+
+def test_warm_started_results_stay_within_tol_along_training() -> None:
+    """Small Krylov spaces overestimate the gap; the bound must still hold (module docstring)."""
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    x = torch.randn(256, 8, generator=g)
+    with torch.no_grad():
+        y = cl.testing.MLP(8, 16, 2)(x)  # a teacher network (the set-up of `curvlab demo`)
+    model = cl.testing.MLP(8, 64, 2).double()
+    x, y = x.double(), y.double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    v0, tol = None, 1e-4
+    for step in range(40):
+        if step % 10 == 0:
+            H = cl.HessianOperator(model, cl.testing.mse, (x, y))
+            res = cl.lanczos(H, 1, tol=tol, v0=v0)
+            # P = 4866: the reference is Lanczos on the rigorous residual bound, to 1e-12.
+            ref = cl.lanczos(H, 1, tol=1e-12, bound="residual", max_iters=400,
+                             generator=torch.Generator().manual_seed(1)).eigenvalues.item()
+            err = abs(res.eigenvalues.item() - ref)
+            assert err <= tol * ref, (step, err)
+            v0 = res.eigenvectors
+        opt.zero_grad()
+        cl.testing.mse(model(x), y).backward()
+        opt.step()
