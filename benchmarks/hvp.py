@@ -22,9 +22,11 @@ Targets (CPU, ratios within one run): with graph reuse, curvlab's product is no 
 PyHessian's cached product (expected about 1.3-2x a gradient); without reuse, curvlab's rev-rev is
 no slower than plain double backward; per vector, m = 8 is no slower than m = 1.
 
-Run ``python benchmarks/hvp.py`` (about ten minutes on two CPU cores) or ``--quick`` for a smoke
-run. Results go to ``benchmarks/results/hvp_<device>.json`` (``--out`` to change) and the tables
-in ``benchmarks/README.md`` are regenerated from every full-run JSON in ``benchmarks/results``.
+Run ``python benchmarks/hvp.py`` (10-15 minutes on two CPU cores) or ``--quick`` for a smoke run
+(under a minute, one thread). On a shared machine pass ``--threads 1``: two OpenMP threads next
+to another busy process slow down erratically (up to 8x); the JSON records the other load.
+Results go to ``benchmarks/results/hvp_<device>.json`` and ``.md`` (``--out`` to change); the HVP
+section of ``benchmarks/README.md`` is regenerated from every full-run JSON in that folder.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ CURVLAB = {  # label -> HessianOperator keyword arguments
     "curvlab fwd-rev no reuse": {"method": "fwd-rev", "reuse_graph": False},
 }
 TOLERANCE = 1.05  # a ratio up to this is reported as "within noise" rather than "no"
+START, END = "<!-- hvp.py:start -->", "<!-- hvp.py:end -->"  # README section markers
 
 
 class CNN(nn.Module):
@@ -119,7 +122,8 @@ def baselines(model: nn.Module, criterion: nn.Module, x: Any, y: Any, v: torch.T
               device: torch.device) -> tuple[dict[str, Callable[[], Any]], Callable[[], None]]:
     """Products ``H v`` (``v`` flat) of the other routes, and a function to free their graphs."""
     params = [p for p in model.parameters() if p.requires_grad]
-    v_list = [c.view_as(p) for c, p in zip(v.split([p.numel() for p in params]), params)]
+    chunks = v.split([p.numel() for p in params])
+    v_list = [c.view_as(p) for c, p in zip(chunks, params, strict=True)]
 
     def flat(parts: Any) -> torch.Tensor:
         return torch.cat([t.reshape(-1) for t in parts])
@@ -161,7 +165,8 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> di
     gen = torch.Generator().manual_seed(1)
     blocks = {m: torch.randn(P, m, generator=gen).to(device) for m in BLOCKS}
     v = blocks[1][:, 0].contiguous()  # (P,)
-    ops = {label: cl.HessianOperator(model, criterion, (x, y), **kw) for label, kw in CURVLAB.items()}
+    ops = {label: cl.HessianOperator(model, criterion, (x, y), **kw)
+           for label, kw in CURVLAB.items()}
     with sdpa_kernel(SDPBackend.MATH):
         others, release = baselines(model, criterion, x, y, v, device)
         fns: dict[str, Callable[[], Any]] = {
@@ -201,10 +206,31 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> di
     }
 
 
+def busy_seconds() -> tuple[float, float, float] | None:
+    """``(wall, CPU seconds busy on the machine incl. steal, CPU seconds of this process)``."""
+    try:
+        ticks = [int(t) for t in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait
+    own = os.times()
+    return time.perf_counter(), busy, own.user + own.system
+
+
+def other_load(start: tuple[float, float, float] | None) -> float | None:
+    """Average number of cores busy with other work (other processes, steal) since ``start``."""
+    end = busy_seconds()
+    if start is None or end is None:
+        return None
+    wall, busy, own = (b - a for a, b in zip(start, end, strict=True))
+    return max(0.0, busy - own) / wall
+
+
 def environment(device: torch.device) -> dict[str, Any]:
     def git(*cmd: str) -> str | None:
         try:
-            out = subprocess.run(["git", *cmd], cwd=HERE, capture_output=True, text=True, timeout=10)
+            out = subprocess.run(["git", *cmd], cwd=HERE, capture_output=True, text=True,
+                                 timeout=10)
         except (OSError, subprocess.SubprocessError):
             return None
         return out.stdout.strip() if out.returncode == 0 else None
@@ -221,6 +247,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "torch": torch.__version__, "python": platform.python_version(), "device": str(device),
         "device_name": name, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),
+        "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(status) if status is not None
         else None,
@@ -236,13 +263,15 @@ def verdict(ratio: float | None) -> str:
 def markdown(result: dict[str, Any]) -> str:
     """The tables of one run: times per model and route, then the targets."""
     env = result["environment"]
+    load = env.get("other_load_cores_during_run")
     lines = [f"### {env['device']}: {env['device_name']}",
              f"torch {env['torch']}, Python {env['python']}, {env['torch_threads']} threads, "
              f"{env['date']}, commit {(env['git_commit'] or '?')[:10]}, "
-             f"median of {result['settings']['repeats']} repeats.", "",
+             f"median of {result['settings']['repeats']} repeats; other load during the run: "
+             + (f"{load:.2f} cores." if load is not None else "not measured."), "",
              "| model | P | route | ms per product (m=1) | x gradient | ms per vector "
              "m=8 / m=32 | products/s m=1 / 8 / 32 |", "|---|---:|---|---:|---:|---:|---:|"]
-    for name, r in result["models"].items():
+    for r in result["models"].values():
         grad = r["median_s"]["gradient"]
         lines.append(f"| {r['description']} | {r['num_params']:,} | gradient | "
                      f"{1e3 * grad:.2f} | 1.00 | | |")
@@ -260,21 +289,32 @@ def markdown(result: dict[str, Any]) -> str:
         cells = [q.get("curvlab reuse / PyHessian cached"),
                  q["curvlab rev-rev no reuse / double backward"]]
         per_vec = [q[f"{label} per vector m=8 / m=1"] for label in CURVLAB]
-        text = [f"{c:.2f} ({verdict(c)})" if c is not None else "n/a" for c in cells]
-        text.append(", ".join(f"{c:.2f} ({verdict(c)})" for c in per_vec))
+        text = [f"{c:.3f} ({verdict(c)})" if c is not None else "n/a" for c in cells]
+        text.append(", ".join(f"{c:.3f} ({verdict(c)})" for c in per_vec))
         lines.append(f"| {name} | " + " | ".join(text) + " |")
+    differ = [f"{label} on {name} ({d:.1e})" for name, r in result["models"].items()
+              for label, d in r["relative_difference_to_curvlab_reuse"].items() if d > 1e-4]
+    lines += ["", "Products differing from curvlab's rev-rev by a relative 2-norm above 1e-4: "
+              + (", ".join(differ) if differ else "none") + "."]
     return "\n".join(lines) + "\n"
 
 
 def write_readme() -> None:
+    """Regenerate the HVP section of benchmarks/README.md (other sections are kept)."""
     runs = [json.loads(p.read_text()) for p in sorted((HERE / "results").glob("hvp_*.json"))]
-    runs = [r for r in runs if not r["settings"]["quick"]]
-    head = ("# Benchmarks\n\nGenerated by `benchmarks/hvp.py` from `results/hvp_<device>.json`; "
-            "rerun with `python benchmarks/hvp.py` (options: `--device`, `--repeats`, `--quick`, "
-            "`--out`). Ratios compare timings of the same run; a target ratio <= 1 is met "
-            f"(\"within 5%\": <= {TOLERANCE}, inside timing noise).\n\n"
-            "## Hessian-vector products\n\n")
-    (HERE / "README.md").write_text(head + "\n".join(markdown(r) for r in runs))
+    body = "\n".join(markdown(r) for r in runs if not r["settings"]["quick"])
+    section = (f"{START}\n## Hessian-vector products\n\nGenerated by `benchmarks/hvp.py` from "
+               "`results/hvp_<device>.json`; rerun with `python benchmarks/hvp.py` (options: "
+               "`--device`, `--repeats`, `--threads`, `--quick`, `--out`). Ratios compare timings "
+               f"of one run; a target ratio <= 1 is met (\"within 5%\": <= {TOLERANCE}, inside "
+               f"timing noise).\n\n{body}{END}\n")
+    readme = HERE / "README.md"
+    text = readme.read_text() if readme.exists() else "# Benchmarks\n\n"
+    if START in text and END in text:
+        text = text[:text.index(START)] + section + text[text.index(END) + len(END) + 1:]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    readme.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -283,24 +323,32 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed calls (default 15; 3)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")
     parser.add_argument("--quick", action="store_true", help="small batches, few repeats")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads (default: torch's; 1 with --quick)")
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON path (default benchmarks/results/hvp_<device>[_quick].json)")
     args = parser.parse_args(argv)
     args.repeats = args.repeats or (3 if args.quick else 15)
     device = torch.device(args.device)
+    if args.threads or args.quick:  # a smoke run must not stall next to other work
+        torch.set_num_threads(args.threads or 1)
     suffix = "_quick" if args.quick else ""
     out = args.out or HERE / "results" / f"hvp_{device.type}{suffix}.json"
-    models = {}
+    models, start = {}, busy_seconds()
     for name in args.models:
         print(f"benchmarking {name} ...", file=sys.stderr, flush=True)
         models[name] = bench_model(name, args, device)
     result = {"settings": {"repeats": args.repeats, "warmup": args.warmup, "quick": args.quick,
                            "blocks": list(BLOCKS), "dtype": "float32", "models": args.models},
               "environment": environment(device), "models": models}
+    # Other work on the machine during the run; well above 0.1 cores makes the timings noisy.
+    result["environment"]["other_load_cores_during_run"] = other_load(start)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(markdown(result))
+    text = markdown(result)
+    out.with_suffix(".md").write_text(text)
+    print(text)
     if out.resolve().parent == (HERE / "results").resolve():
         write_readme()
 
