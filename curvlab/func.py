@@ -203,23 +203,22 @@ def make_hvp_revrev(
     live = [(g, x) for g, x in zip(grads, leaves, strict=True) if g is not None and g.requires_grad]
     out_grads = [g for g, _ in live]
 
+    wanted = [g is not None and g.requires_grad for g in grads]
+
     def product(V: Tensor) -> Tensor:
-        columns = []
-        for j in range(V.shape[1]):
-            vs = layout.unravel(V[:, j])
-            if not live:
-                columns.append(torch.zeros_like(V[:, j]))
-                continue
+        Vt = V.T.contiguous()  # (m, P): contiguous rows, so the parameter views are too
+        out = torch.zeros_like(Vt)  # (m, P)
+        for j in range(Vt.shape[0] if live else 0):
+            vs = layout.unravel(Vt[j])
             hv = torch.autograd.grad(
                 out_grads,
                 leaves,
-                grad_outputs=[vs[n] for n, g in zip(layout.names, grads, strict=True)
-                              if g is not None and g.requires_grad],
+                grad_outputs=[vs[n] for n, w in zip(layout.names, wanted, strict=True) if w],
                 retain_graph=True,
                 allow_unused=True,
             )
-            columns.append(torch.cat([h.reshape(-1) for h in _as_tuple(hv, leaves)]))
-        return torch.stack(columns, dim=1)  # (P, m)
+            torch.cat([h.reshape(-1) for h in _as_tuple(hv, leaves)], out=out[j])  # (P,)
+        return out.T  # (P, m)
 
     return product
 

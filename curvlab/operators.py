@@ -201,8 +201,8 @@ class _CurvatureOperator(OperatorBase):
     def __matmul__(self, v: Tensor) -> Tensor:
         call = f"{self._name} @ v"
         V = self._check_vectors(v, call)  # (P, m)
-        total = torch.zeros_like(V)  # (P, m)
-        count = 0
+        total: Tensor | None = None
+        first = count = 0
         for index, batch in enumerate(self._batches):
             _, _, n = self._split(batch, index)
             out = self._product(index, batch)(V)  # (P, m), curvature of the batch mean
@@ -210,12 +210,18 @@ class _CurvatureOperator(OperatorBase):
                 raise ValueError(f"{call}: the product for batch {index} is not finite; the "
                                  "loss or its derivatives overflow there (try float64 or check "
                                  "the inputs)")
-            total.add_(out, alpha=n)
+            if total is None:  # a single batch needs no weighting: no extra pass over (P, m)
+                total, first = out, n
+            else:
+                if count == first:
+                    total = total * first
+                total.add_(out, alpha=n)
             count += n
-        if count == 0:
+        if total is None:
             raise ValueError(f"{call}: data holds no batches; pass at least one (inputs, targets)")
+        if count != first:
+            total /= count  # sum_b n_b (H_b V) / N
         self.num_matvecs += V.shape[1]
-        total /= count
         return total if v.ndim == 2 else total[:, 0]
 
 
