@@ -292,20 +292,20 @@ def make_ggnvp_revrev(
     jtu_live = [(t, n) for t, n in zip(jtu, layout.names, strict=True) if t is not None]
 
     def product(V: Tensor) -> Tensor:
-        columns = []
-        for j in range(V.shape[1]):
-            vs = layout.unravel(V[:, j])
+        Vt = V.T.contiguous()  # (m, P)
+        out = torch.zeros_like(Vt)  # (m, P)
+        for j in range(Vt.shape[0]):
+            vs = layout.unravel(Vt[j])
             jv = torch.autograd.grad([t for t, _ in jtu_live], u,
                                      grad_outputs=[vs[n] for _, n in jtu_live],
                                      retain_graph=True, allow_unused=True)[0]  # (n, k)
             if jv is None or not grad_f.requires_grad:  # outputs constant, or loss linear in them
-                columns.append(torch.zeros_like(V[:, j]))
                 continue
             hjv = torch.autograd.grad(grad_f, f_leaf, grad_outputs=jv, retain_graph=True)[0]
-            out = torch.autograd.grad(f, leaves, grad_outputs=hjv, retain_graph=True,
-                                      allow_unused=True)
-            columns.append(torch.cat([h.reshape(-1) for h in _as_tuple(out, leaves)]))
-        return torch.stack(columns, dim=1)  # (P, m)
+            jthjv = torch.autograd.grad(f, leaves, grad_outputs=hjv, retain_graph=True,
+                                        allow_unused=True)
+            torch.cat([h.reshape(-1) for h in _as_tuple(jthjv, leaves)], out=out[j])  # (P,)
+        return out.T  # (P, m)
 
     return product
 
