@@ -231,12 +231,19 @@ def _structured_kernel(s: _Setup, outputs: str, chunk_size: int | None) -> Tenso
         (h1, g1), (h2, g2) = F1[name], F2[name]
         prefix = f"{name}." if name else ""
         d_w = 1.0 if s.scales is None else s.scales[prefix + "weight"].flatten()[0]
-        Kh = torch.einsum("iud,jvd->ijuv", h1, h2)  # (n1, n2, U1, U2)
-        term = torch.einsum(f"ijuv,iaue,j{b}ve->{out}", Kh, g1, g2)  # (n1, n2, k[, k])
-        K = K + d_w * (term if outputs == "full" else _reduce_pairs(term, outputs))
-        if m.bias is not None:
-            d_b = 1.0 if s.scales is None else s.scales[prefix + "bias"].flatten()[0]
-            K = K + d_b * _contract(g1.sum(2), g2.sum(2), outputs)
+        d_b = 0.0 if m.bias is None else (
+            1.0 if s.scales is None else s.scales[prefix + "bias"].flatten()[0])
+        if h1.shape[1] == h2.shape[1] == 1:  # one token, one call: one (n1, n2, k, k) buffer
+            term = _contract(g1[:, :, 0], g2[:, :, 0], outputs)  # <g_a, g_b>, (n1, n2[, k, k])
+            factor = d_w * (h1[:, 0] @ h2[:, 0].T) + d_b  # (n1, n2)
+            term.mul_(factor.view(*factor.shape, *[1] * (term.ndim - 2)))
+        else:
+            Kh = torch.einsum("iud,jvd->ijuv", h1, h2)  # (n1, n2, U1, U2)
+            term = torch.einsum(f"ijuv,iaue,j{b}ve->{out}", Kh, g1, g2)  # (n1, n2, k[, k])
+            term = d_w * (term if outputs == "full" else _reduce_pairs(term, outputs))
+            if m.bias is not None:
+                term += d_b * _contract(g1.sum(2), g2.sum(2), outputs)
+        K = term if isinstance(K, float) else K.add_(term)
     return K  # type: ignore[return-value]
 
 
