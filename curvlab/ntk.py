@@ -233,10 +233,17 @@ def _structured_kernel(s: _Setup, outputs: str, chunk_size: int | None) -> Tenso
         d_w = 1.0 if s.scales is None else s.scales[prefix + "weight"].flatten()[0]
         d_b = 0.0 if m.bias is None else (
             1.0 if s.scales is None else s.scales[prefix + "bias"].flatten()[0])
-        if h1.shape[1] == h2.shape[1] == 1:  # one token, one call: one (n1, n2, k, k) buffer
-            term = _contract(g1[:, :, 0], g2[:, :, 0], outputs)  # <g_a, g_b>, (n1, n2[, k, k])
-            factor = d_w * (h1[:, 0] @ h2[:, 0].T) + d_b  # (n1, n2)
-            term.mul_(factor.view(*factor.shape, *[1] * (term.ndim - 2)))
+        if h1.shape[1] == h2.shape[1] == 1:  # one token, one call: add into K by row blocks
+            if isinstance(K, float):
+                K = torch.zeros(_kernel_shape(g1.shape[0], g2.shape[0], s.k, outputs),
+                                dtype=g1.dtype, device=g1.device)
+            rows = max(1, g1.shape[0] // 8)  # transient memory: an eighth of the kernel
+            for i in range(0, g1.shape[0], rows):
+                block = _contract(g1[i : i + rows, :, 0], g2[:, :, 0], outputs)  # <g_a, g_b>
+                factor = d_w * (h1[i : i + rows, 0] @ h2[:, 0].T) + d_b  # (rows, n2)
+                K[i : i + rows].addcmul_(block, factor.view(*factor.shape,
+                                                            *[1] * (block.ndim - 2)))
+            continue
         else:
             Kh = torch.einsum("iud,jvd->ijuv", h1, h2)  # (n1, n2, U1, U2)
             term = torch.einsum(f"ijuv,iaue,j{b}ve->{out}", Kh, g1, g2)  # (n1, n2, k[, k])
@@ -245,6 +252,10 @@ def _structured_kernel(s: _Setup, outputs: str, chunk_size: int | None) -> Tenso
                 term += d_b * _contract(g1.sum(2), g2.sum(2), outputs)
         K = term if isinstance(K, float) else K.add_(term)
     return K  # type: ignore[return-value]
+
+
+def _kernel_shape(n1: int, n2: int, k: int, outputs: str) -> tuple[int, ...]:
+    return {"full": (n1, n2, k, k), "diagonal": (n1, n2, k), "trace": (n1, n2)}[outputs]
 
 
 def _reduce_pairs(term: Tensor, outputs: str) -> Tensor:
