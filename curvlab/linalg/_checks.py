@@ -42,7 +42,7 @@ class Matvec:
     def __call__(self, V: Tensor, iteration: int) -> Tensor:
         out = self.A @ V.to(self.A.dtype)  # (P,) or (P, m)
         self.count += 1 if V.ndim == 1 else V.shape[1]
-        if not torch.isfinite(out).all():
+        if not torch.isfinite(out.sum()) and not torch.isfinite(out).all():  # cheap test first
             raise ValueError(f"{self.call}: the product at iteration {iteration} is not finite; "
                              "check the operator (e.g. the loss at these parameters)")
         return out.to(torch.float64)

@@ -26,7 +26,9 @@ Where such clusters matter and ``tol`` is below their width, pass ``bound="resid
 on the rigorous ``r_i`` alone (more products, as eigsh).
 
 Memory: the basis is kept in float64 (the tridiagonal and reorthogonalization arithmetic too, even
-for a float32 operator): ``8 P m`` bytes for ``m`` iterations, plus one product's workspace.
+for a float32 operator): ``8 P m`` bytes for ``m`` iterations, plus one product's workspace. The
+buffer is reserved for ``max_iters`` rows up front (on a GPU that much is allocated; on a CPU only
+the rows used are touched), so keep ``max_iters`` near what is needed for very large ``P``.
 
 Example:
     >>> import torch
@@ -55,14 +57,15 @@ WHICH = ("LA", "SA", "LM", "BE")
 class KrylovBasis:
     """The Lanczos recurrence with full reorthogonalization (classical Gram-Schmidt, twice).
 
-    After ``m`` steps: ``Q[:, :m]`` orthonormal, ``alpha (m,)`` and ``beta (m,)`` with ``beta[-1]``
-    the norm of the next residual (0 after a breakdown, i.e. an invariant subspace).
+    After ``m`` steps: the rows ``Q[:m]`` are orthonormal (rows, so that a step touches only its
+    own row and reads one contiguous block), ``alpha (m,)`` and ``beta (m,)`` with ``beta[-1]`` the
+    norm of the next residual (0 after a breakdown, i.e. an invariant subspace).
     """
 
     def __init__(self, matvec: Matvec, q0: Tensor, capacity: int, *, check_symmetry: bool) -> None:
         P = q0.shape[0]
         self.matvec, self.check_symmetry = matvec, check_symmetry
-        self.Q = torch.empty(P, capacity, dtype=torch.float64, device=q0.device)  # (P, capacity)
+        self.Q = torch.empty(capacity, P, dtype=torch.float64, device=q0.device)  # (capacity, P)
         self.alpha: list[float] = []
         self.beta: list[float] = []
         self.next_q: Tensor | None = q0 / q0.norm()  # (P,)
@@ -77,16 +80,16 @@ class KrylovBasis:
         """One Lanczos step; returns False on breakdown (``beta`` below the noise level)."""
         m = self.m
         assert self.next_q is not None
-        self.Q[:, m] = self.next_q
+        self.Q[m] = self.next_q
         w = self.matvec(self.next_q, m)  # (P,)
         w_norm = float(w.norm())
-        Qm = self.Q[:, : m + 1]  # (P, m + 1)
-        c = Qm.T @ w  # (m + 1,)
-        w = w - Qm @ c
+        Qm = self.Q[: m + 1]  # (m + 1, P)
+        c = Qm @ w  # (m + 1,)
+        w = w - Qm.T @ c
         if self.check_symmetry and m == 1:
             self._check_symmetry(float(c[0]), w_norm)
-        c2 = Qm.T @ w  # (m + 1,), the second pass
-        w = w - Qm @ c2
+        c2 = Qm @ w  # (m + 1,), the second pass
+        w = w - Qm.T @ c2
         alpha = float(c[m] + c2[m])
         beta = float(w.norm())
         self.alpha.append(alpha)
@@ -110,12 +113,12 @@ class KrylovBasis:
 
     def restart(self, generator: torch.Generator | None) -> bool:
         """After a breakdown, continue with a random vector orthogonal to the basis."""
-        P, m = self.Q.shape[0], self.m
+        P, m = self.Q.shape[1], self.m
         if m >= P:
             return False
         z = random_vectors(P, 1, self.matvec.A, generator)[:, 0]  # (P,)
         for _ in range(2):
-            z = z - self.Q[:, :m] @ (self.Q[:, :m].T @ z)
+            z = z - self.Q[:m].T @ (self.Q[:m] @ z)
         if float(z.norm()) < 1e-8:
             return False
         self.next_q = z / z.norm()
@@ -245,7 +248,7 @@ def lanczos(
     if theta.size < k:
         wanted = select(theta, theta.size, which)
         bounds = np.maximum(error_bounds(theta, residuals, wanted, bound), noise * basis.scale)
-    X = basis.Q[:, : basis.m] @ torch.as_tensor(S[:, wanted], device=basis.Q.device)  # (P, k)
+    X = basis.Q[: basis.m].T @ torch.as_tensor(S[:, wanted], device=basis.Q.device)  # (P, k)
     rel = float(np.max(bounds / np.maximum(np.abs(theta[wanted]), 1e-300)))
     message = (f"converged: {len(wanted)} eigenvalues to relative accuracy {rel:.1e} <= tol "
                f"{tol:g} in {matvec.count} products" if converged else
