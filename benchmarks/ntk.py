@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hvp import CNN  # the same CNN as the HVP benchmark (benchmarks/ is on sys.path)
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
@@ -65,19 +66,6 @@ CHUNK = {"curvlab ntvp": 64}  # columns per vmap call; the default (all n k at o
 MAX_SECONDS, MAX_BYTES, AUTO_SLACK, MLP_BUDGET = 60.0, 6 * 2**30, 1.25, 4 * 2**30
 ISSUE = {"model": "MLP 784-512-512-10", "n": 256, "structured (nngeometry)": {"s": 1.6, "MB": 52},
          "vmap(jacrev)+einsum": {"s": 81, "MB": 6600}, "NTK-vector products": {"s": 38}}
-
-
-class CNN(nn.Module):
-    """Two 3x3 convolutions on ``(n, 1, 28, 28)`` images, then a linear head."""
-
-    def __init__(self, c1: int = 16, c2: int = 32, d_out: int = 10) -> None:
-        super().__init__()
-        self.conv1, self.conv2 = nn.Conv2d(1, c1, 3), nn.Conv2d(c1, c2, 3, stride=2)
-        self.head = nn.Linear(c2 * 12 * 12, d_out)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (n, 1, 28, 28)
-        h = torch.relu(self.conv2(torch.relu(self.conv1(x))))  # (n, c2, 12, 12)
-        return self.head(h.flatten(1))  # (n, d_out)
 
 
 def make_problem(name: str, n: int) -> tuple[nn.Module, torch.Tensor]:
