@@ -3,7 +3,13 @@
 See ``../shared/DESIGN.md`` for the public API and ``../shared/MATH.md`` for the definitions.
 """
 
-from curvlab import func, linalg, testing
+from curvlab import func, layers, linalg, testing
+from curvlab.features import (
+    FeatureChangeResult,
+    FeatureSpeedResult,
+    feature_change,
+    feature_speed,
+)
 from curvlab.kernel_metrics import (
     effective_rank,
     kernel_alignment,
@@ -31,6 +37,8 @@ __version__ = "0.1.0"
 __all__ = [
     "ConvergenceError",
     "EigResult",
+    "FeatureChangeResult",
+    "FeatureSpeedResult",
     "GGNOperator",
     "HessianOperator",
     "NTKOperator",
@@ -42,12 +50,15 @@ __all__ = [
     "adam_scales",
     "effective_rank",
     "empirical_ntk",
+    "feature_change",
+    "feature_speed",
     "func",
     "hutchinson_trace",
     "hutchpp_trace",
     "kernel_alignment",
     "kernel_distance",
     "lanczos",
+    "layers",
     "linalg",
     "lr_scales",
     "ntk_eigenvalues",

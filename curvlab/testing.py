@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -107,11 +108,50 @@ def dense_jacobian(model: nn.Module, x: Any, params: Iterable[str] | None = None
 
 
 class MLP(nn.Sequential):
-    """``d_in -> width -> width -> d_out`` with the given activation."""
+    """``d_in -> width -> ... -> width -> d_out``: ``depth`` hidden layers, each one then ``act``.
 
-    def __init__(self, d_in: int = 6, width: int = 10, d_out: int = 3, act: type = nn.Tanh):
-        super().__init__(nn.Linear(d_in, width), act(), nn.Linear(width, width), act(),
-                         nn.Linear(width, d_out))
+    Module ``2 * (depth - 1)`` is the last hidden layer (its output the last hidden
+    pre-activation); the head is module ``2 * depth``.
+    """
+
+    def __init__(self, d_in: int = 6, width: int = 10, d_out: int = 3, act: type = nn.Tanh, *,
+                 depth: int = 2, bias: bool = True):
+        widths = [d_in] + [width] * depth
+        hidden = [m for a, b in itertools.pairwise(widths) for m in (nn.Linear(a, b, bias), act())]
+        super().__init__(*hidden, nn.Linear(width, d_out, bias))
+
+
+class ResidualBlock(nn.Module):
+    """``h + scale * W act(h)``: a one-layer residual branch scaled by ``scale``."""
+
+    def __init__(self, width: int, scale: float = 1.0, act: type = nn.ReLU, bias: bool = True):
+        super().__init__()
+        self.scale, self.act, self.linear = scale, act(), nn.Linear(width, width, bias)
+
+    def forward(self, h: Tensor) -> Tensor:  # h (n, width)
+        return h + self.scale * self.linear(self.act(h))  # (n, width)
+
+
+class ResidualMLP(nn.Module):
+    """``stem -> depth residual blocks (branch scale branch_scale) -> head``, on ``(n, d_in)``.
+
+    With ``branch_scale = 1 / sqrt(depth)`` the residual stream stays of order one at any depth
+    (Hayou et al. 2021, arXiv:2105.01189; Bordelon et al. 2023, arXiv:2309.16620).
+    """
+
+    def __init__(self, d_in: int = 6, width: int = 10, d_out: int = 3, *, depth: int = 2,
+                 branch_scale: float = 1.0, act: type = nn.ReLU, bias: bool = True):
+        super().__init__()
+        self.stem = nn.Linear(d_in, width, bias)
+        self.blocks = nn.ModuleList(ResidualBlock(width, branch_scale, act, bias)
+                                    for _ in range(depth))
+        self.head = nn.Linear(width, d_out, bias)
+
+    def forward(self, x: Tensor) -> Tensor:  # x (n, d_in)
+        h = self.stem(x)  # (n, width)
+        for block in self.blocks:
+            h = block(h)  # (n, width), the residual stream
+        return self.head(h)  # (n, d_out)
 
 
 class SmallCNN(nn.Module):
@@ -129,30 +169,44 @@ class SmallCNN(nn.Module):
         return self.head(h.flatten(1))  # (n, d_out)
 
 
-class TinyTransformer(nn.Module):
-    """One pre-LayerNorm block: causal self-attention via ``F.scaled_dot_product_attention`` and an
-    MLP, both residual; mean pooling over tokens and a linear head. Inputs ``(n, T, d_in)``."""
+class TransformerBlock(nn.Module):
+    """A pre-LayerNorm block: causal self-attention via ``F.scaled_dot_product_attention`` and an
+    MLP, both residual. Acts on the residual stream ``(n, T, d_model)``."""
 
-    def __init__(self, d_in: int = 4, d_model: int = 8, heads: int = 2, d_out: int = 3):
+    def __init__(self, d_model: int = 8, heads: int = 2):
         super().__init__()
         self.heads = heads
-        self.embed = nn.Linear(d_in, d_model)
         self.ln1, self.ln2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.proj = nn.Linear(d_model, d_model)
         self.mlp = nn.Sequential(nn.Linear(d_model, 2 * d_model), nn.GELU(),
                                  nn.Linear(2 * d_model, d_model))
-        self.head = nn.Linear(d_model, d_out)
 
-    def forward(self, x: Tensor) -> Tensor:  # x (n, T, d_in)
-        h = self.embed(x)  # (n, T, d)
+    def forward(self, h: Tensor) -> Tensor:  # h (n, T, d)
         n, T, d = h.shape
         q, k, v = self.qkv(self.ln1(h)).split(d, dim=-1)  # each (n, T, d)
         q, k, v = (t.view(n, T, self.heads, d // self.heads).transpose(1, 2)
                    for t in (q, k, v))  # each (n, heads, T, d / heads)
         a = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (n, heads, T, d / heads)
         h = h + self.proj(a.transpose(1, 2).reshape(n, T, d))  # (n, T, d)
-        h = h + self.mlp(self.ln2(h))  # (n, T, d)
+        return h + self.mlp(self.ln2(h))  # (n, T, d)
+
+
+class TinyTransformer(nn.Module):
+    """A linear embedding, ``depth`` :class:`TransformerBlock` s, mean pooling over tokens and a
+    linear head. Inputs ``(n, T, d_in)``."""
+
+    def __init__(self, d_in: int = 4, d_model: int = 8, heads: int = 2, d_out: int = 3,
+                 depth: int = 1):
+        super().__init__()
+        self.embed = nn.Linear(d_in, d_model)
+        self.blocks = nn.ModuleList(TransformerBlock(d_model, heads) for _ in range(depth))
+        self.head = nn.Linear(d_model, d_out)
+
+    def forward(self, x: Tensor) -> Tensor:  # x (n, T, d_in)
+        h = self.embed(x)  # (n, T, d)
+        for block in self.blocks:
+            h = block(h)  # (n, T, d), the residual stream
         return self.head(h.mean(dim=1))  # (n, d_out)
 
 

@@ -1,0 +1,168 @@
+"""Which module outputs count as a network's "layers", and how to record them.
+
+Feature-learning diagnostics (``curvlab.features``) look at the output ``f_l`` of chosen modules.
+The feature speed identity ``<-b_l, df_l> = sum_{k<=l} eta_k ||dL/dw_k||^2`` (MATH.md section 5)
+holds exactly when ``f_l`` is a *cut* of the computation graph: every path from the parameters
+upstream of ``f_l`` to the loss passes through ``f_l``. The pre-activations of an MLP or CNN, the
+residual stream after a residual block and the network output are cuts; a branch inside a residual
+block is not (the skip connection bypasses it).
+
+Default layers: the output of every submodule that holds trainable parameters, runs once per
+forward, returns a tensor and is a cut, in forward order. When a container's output is the same
+tensor as one of its children's (``nn.Sequential``), the innermost name is kept.
+
+Example:
+    >>> import torch, curvlab as cl
+    >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    >>> x, y = torch.randn(5, 3), torch.randn(5, 2)
+    >>> loss = lambda out, t: ((out - t) ** 2).mean()
+    >>> [name for name, _ in default_layers(model, loss, x, y)]
+    ['0', '2']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from torch import Tensor, nn
+
+Graph = Any  # a torch.autograd.graph.Node
+
+
+class Recorder:
+    """Forward hooks that keep the output of named modules, one call per forward.
+
+    ``outputs[name]`` is the last output of module ``name``; ``calls[name]`` counts its calls, and
+    ``order`` lists names in the order their forwards finished.
+    """
+
+    def __init__(self) -> None:
+        self.outputs: dict[str, Any] = {}
+        self.calls: dict[str, int] = {}
+        self.order: list[str] = []
+
+    def hook(self, name: str) -> Callable[..., None]:
+        def record(module: nn.Module, args: Any, output: Any) -> None:
+            self.calls[name] = self.calls.get(name, 0) + 1
+            self.outputs[name] = output
+            self.order.append(name)
+
+        return record
+
+    def features(self, names: Sequence[str], call: str) -> list[Tensor]:
+        """The recorded outputs of ``names``, checked: each ran exactly once and gave a tensor."""
+        found = []
+        for name in names:
+            count = self.calls.get(name, 0)
+            if count != 1:
+                what = "did not run" if count == 0 else f"ran {count} times"
+                raise ValueError(f"{call}: layer {name!r} {what} in one forward; a layer must run "
+                                 "exactly once (for a module applied several times, e.g. shared "
+                                 "weights, choose the module that encloses all its calls)")
+            out = self.outputs[name]
+            if not isinstance(out, Tensor):
+                raise TypeError(f"{call}: layer {name!r} returns {type(out).__name__}, not a "
+                                "tensor; choose a module whose output is one tensor")
+            found.append(out)
+        return found
+
+
+@contextmanager
+def recording(model: nn.Module, names: Sequence[str]) -> Iterator[Recorder]:
+    """Record the outputs of the submodules ``names`` of ``model`` during the ``with`` block."""
+    modules = dict(model.named_modules())
+    rec = Recorder()
+    handles = [modules[name].register_forward_hook(rec.hook(name)) for name in names]
+    try:
+        yield rec
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def check_layers(model: nn.Module, layers: Sequence[str] | str, call: str) -> list[str]:
+    """Validate user-given layer names against ``model.named_modules()``."""
+    if isinstance(layers, str):
+        layers = [layers]
+    names = [name for name, _ in model.named_modules() if name]
+    unknown = [name for name in layers if name not in names]
+    if unknown:
+        raise ValueError(f"{call}: unknown layer names {unknown}; expected names from "
+                         f"model.named_modules(), e.g. {names[:8]}")
+    if not layers:
+        raise ValueError(f"{call}: layers is empty; pass module names or None for the default")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"{call}: layers has duplicates: {list(layers)}")
+    return list(layers)
+
+
+def _parents(node: Graph) -> Iterator[Graph]:
+    for parent, _ in node.next_functions:
+        if parent is not None:
+            yield parent
+
+
+def upstream_params(root: Graph | None) -> set[int]:
+    """``id``s of the leaf tensors (parameters) that the graph node ``root`` depends on."""
+    found: set[int] = set()
+    seen: set[Graph] = set()
+    stack = [] if root is None else [root]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if isinstance(variable, Tensor):
+            found.add(id(variable))
+        stack.extend(_parents(node))
+    return found
+
+
+def is_cut(loss: Tensor, feature: Tensor) -> bool:
+    """Whether every path from the parameters upstream of ``feature`` to ``loss`` passes through
+    ``feature`` (so the loss depends on those parameters only through ``feature``)."""
+    blocked = feature.grad_fn
+    upstream = upstream_params(blocked)
+    seen: set[Graph] = {blocked}
+    stack = [] if loss.grad_fn is None else [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if isinstance(variable, Tensor) and id(variable) in upstream:
+            return False
+        stack.extend(_parents(node))
+    return True
+
+
+def candidates(model: nn.Module) -> list[str]:
+    """Names of the submodules (not the root) that hold trainable parameters."""
+    return [name for name, m in model.named_modules()
+            if name and any(p.requires_grad for p in m.parameters())]
+
+
+def select_default(loss: Tensor, rec: Recorder) -> list[tuple[str, Tensor]]:
+    """The default layers among the recorded candidates (see the module docstring)."""
+    chosen: list[tuple[str, Tensor]] = []
+    for name in dict.fromkeys(rec.order):  # forward order, each name once
+        out = rec.outputs[name]
+        if rec.calls[name] != 1 or not isinstance(out, Tensor) or out.grad_fn is None:
+            continue
+        if any(out is kept for _, kept in chosen):
+            continue
+        if is_cut(loss, out):
+            chosen.append((name, out))
+    return chosen
+
+
+def default_layers(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], inputs: Any,
+                   targets: Any) -> list[tuple[str, Tensor]]:
+    """Run one forward and return the default ``(name, output)`` layers of ``model``."""
+    with recording(model, candidates(model)) as rec:
+        loss = loss_fn(model(inputs), targets)
+    return select_default(loss, rec)
