@@ -255,9 +255,13 @@ class HessianOperator(_CurvatureOperator):
 
     def _make_product(self, inputs: Any, targets: Any, index: int) -> Product:
         loss = func.make_functional_loss(self.model, self.loss_fn, self._frozen, inputs, targets)
-        factory = func.make_hvp_revrev if self.method == "rev-rev" else func.make_hvp_fwdrev
-        return factory(loss, self._primals, self.layout, context=partial(self._context, index),
-                       check_loss=partial(self._check_loss, index=index))
+        context = partial(self._context, index)
+        check = partial(self._check_loss, index=index)
+        if self.method == "rev-rev":
+            return func.make_hvp_revrev(loss, self._primals, self.layout, context=context,
+                                        check_loss=check, reuse=self.reuse_graph)
+        return func.make_hvp_fwdrev(loss, self._primals, self.layout, context=context,
+                                    check_loss=check)
 
 
 class GGNOperator(_CurvatureOperator):
