@@ -16,3 +16,5 @@ test: install
 
 bench: install
 	$(PYTHON) benchmarks/hvp.py
+	$(PYTHON) benchmarks/features.py
+	$(PYTHON) benchmarks/monitor.py

@@ -26,3 +26,12 @@ echo "torch==${torch_version}" >"$constraints"
 echo "install: keeping torch ${torch_version}; installing curvlab[${extras}]"
 
 "$PY" -m pip install --quiet -c "$constraints" -e ".[${extras}]"
+
+# The compare extra pulls torchvision (through curvlinops -> backpack). A torchvision built for
+# another torch fails at import ("operator torchvision::nms does not exist") and then breaks every
+# package that imports it when present (torchmetrics, hence Lightning). None of curvlab's code
+# needs it, so an unloadable one is removed.
+if "$PY" -m pip show torchvision >/dev/null 2>&1 && ! "$PY" -c "import torchvision" >/dev/null 2>&1; then
+    echo "install: removing torchvision: it does not load with torch ${torch_version}"
+    "$PY" -m pip uninstall --quiet -y torchvision
+fi
