@@ -1,0 +1,351 @@
+"""HDF5 run files (schema version 1, DESIGN.md): a crash-safe writer and a read-only loader.
+
+Layout: root attributes ``schema_version``, ``curvlab_version``, ``created``, ``config`` (JSON text)
+and flat copies of the sweep keys; group ``env`` (attributes: torch version, device, dtype, ...);
+one group per metric under ``metrics/`` with datasets ``step`` (int64, ``(T,)``) and ``value``
+(float64, ``(T,)`` or ``(T, k)``), resizable and chunked, and attributes ``labels``,
+``description`` and, where it applies, ``threshold``.
+
+Crash safety and live reading. Appends run in HDF5's single-writer/multiple-reader mode (SWMR):
+a writer killed at any moment leaves a file that opens with ``swmr=True`` and holds every flushed
+step (a writer without SWMR, in the latest file format, leaves files that no mode opens). A row is
+committed by writing ``value`` first and ``step`` last, each flushed; a reader keeps the rows whose
+step is written (``step`` is pre-filled with -1) and strictly increasing. SWMR forbids creating
+datasets or attributes, so structural changes (a new metric, environment entries) are made on a
+copy of the closed file that then atomically replaces it (``os.replace``): a kill during the change
+leaves the previous file. Files left by a killed writer keep HDF5's "open for write" flags; readers
+open them with ``swmr=True`` and ``mode="a"`` rebuilds the file by copying its committed rows, so
+no repair tool is ever needed. Nothing read from a file is executed: the config is JSON.
+
+Example:
+    >>> import tempfile, pathlib, curvlab as cl
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "run.h5"
+    >>> with cl.RunLogger(path, {"width": 64, "lr": 0.1}) as log:
+    ...     log.log(0, loss=1.0)
+    ...     log.log(10, loss=0.5)
+    ...     log.log_array(10, "cos_theta", [0.9, 0.5], labels=["0", "2"])
+    >>> run = cl.load_run(path)
+    >>> run.config["width"], run.metrics["loss"].step.tolist(), run.metrics["cos_theta"].labels
+    (64, [0, 10], ('0', '2'))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import platform
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+SCHEMA_VERSION = 1
+SWEEP_KEYS = ("width", "depth", "parametrization", "lr", "seed", "model", "optimizer")
+MODES = ("w-", "w", "a")
+_STEP_FILL = -1
+
+
+def _environment(extra: Mapping[str, Any] | None) -> dict[str, str]:
+    import torch  # local: keeps the module light for readers
+
+    env = {"torch": torch.__version__, "numpy": np.__version__, "h5py": h5py.__version__,
+           "python": platform.python_version(), "platform": platform.platform(),
+           **(extra or {})}
+    return {str(k): str.__str__(str(v)) for k, v in env.items()}  # plain str: TorchVersion is not
+
+
+def _config_json(config: Any, call: str) -> str:
+    if not isinstance(config, Mapping):
+        raise TypeError(f"{call}: config must be a dict, got {type(config).__name__}")
+    try:
+        return json.dumps(dict(config), sort_keys=True)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"{call}: config must be JSON-serializable (numbers, strings, lists, "
+                        f"dicts): {err}") from None
+
+
+def _check_name(name: str, call: str) -> None:
+    if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
+        raise ValueError(f"{call}: metric names must be non-empty strings without '/', got "
+                         f"{name!r}")
+
+
+_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def _stored_eof(path: Path) -> int | None:
+    """End-of-file address recorded in a version 2/3 superblock (the format curvlab writes)."""
+    with open(path, "rb") as fh:
+        head = fh.read(64)
+    if not head.startswith(_SIGNATURE) or len(head) < 48 or head[8] not in (2, 3):
+        return None
+    size = head[9]  # bytes per file offset
+    start = 12 + 2 * size  # after version, sizes, flags, base address, extension address
+    return int.from_bytes(head[start:start + size], "little")
+
+
+def _open_read(path: Path, call: str) -> h5py.File:
+    """Open a run file read-only: a cleanly closed file directly; a file that a writer holds (or
+    left behind when killed) in SWMR mode.
+
+    The plain open is tried first because HDF5's SWMR reader retries failed metadata reads for a
+    long time instead of failing, which would hang on a damaged file; the plain open fails fast on
+    truncation and on the write flags that mark a file held (or left) by a SWMR writer.
+    """
+    if not path.exists():
+        raise FileNotFoundError(f"{call}: no file at {path}")
+    try:
+        return h5py.File(path, "r")
+    except OSError as err:
+        first = err
+    # A SWMR file is checked against the end of file its superblock recorded when SWMR writing
+    # began; a file cut shorter than that is refused here (the SWMR reader would hang on it). A
+    # SWMR file damaged beyond that point is not detected before reading.
+    eof = _stored_eof(path)
+    if eof is None or "truncated" in str(first) or path.stat().st_size < eof:
+        raise ValueError(f"{call}: {path} is not a readable HDF5 file ({first}); it may be "
+                         "truncated or not HDF5 at all") from None
+    try:
+        return h5py.File(path, "r", libver="latest", swmr=True)
+    except OSError as err:
+        raise ValueError(f"{call}: {path} is not a readable HDF5 file ({err})") from None
+
+
+def committed_rows(step: np.ndarray) -> int:
+    """Number of leading rows whose step is written and strictly increasing."""
+    if step.size == 0:
+        return 0
+    bad = (step == _STEP_FILL) | np.r_[False, np.diff(step) <= 0]
+    return int(np.argmax(bad)) if bad.any() else int(step.size)
+
+
+class RunLogger:
+    """Write one run to an HDF5 file; see the module docstring for the layout and crash safety.
+
+    Args:
+        path: the run file.
+        config: the run config (JSON-serializable dict), stored as JSON plus flat copies of the
+            sweep keys (``width``, ``depth``, ``parametrization``, ``lr``, ``seed``, ``model``,
+            ``optimizer``) as root attributes.
+        mode: ``"w-"`` creates and refuses an existing file (default); ``"w"`` replaces an
+            existing file (explicit); ``"a"`` resumes an existing run (or creates one): new steps
+            must follow the logged ones, and a different config is refused unless
+            ``allow_config_change``.
+        env: extra environment entries (e.g. device, dtype) next to the software versions.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], config: Mapping[str, Any], *,
+                 mode: str = "w-", env: Mapping[str, Any] | None = None,
+                 allow_config_change: bool = False) -> None:
+        call = "RunLogger"
+        if mode not in MODES:
+            raise ValueError(f"{call}: mode must be one of {MODES}, got {mode!r}")
+        self.path = Path(path)
+        self.config = json.loads(_config_json(config, call))
+        self._file: h5py.File | None = None
+        self._last: dict[str, int] = {}
+        exists = self.path.exists()
+        if exists and mode == "w-":
+            raise FileExistsError(f"{call}: {self.path} exists; pass mode='a' to resume that run "
+                                  "or mode='w' to replace it, or choose another path")
+        if exists and mode == "a":
+            self._resume(allow_config_change, env)
+        else:
+            self._create(env, replace=exists)
+        self._open()
+
+    # --------------------------------------------------------------- file life cycle
+    def _create(self, env: Mapping[str, Any] | None, replace: bool) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._staging() as tmp:
+            with h5py.File(tmp, "w", libver="latest") as f:
+                f.attrs["schema_version"] = SCHEMA_VERSION
+                f.attrs["curvlab_version"] = _curvlab_version()
+                f.attrs["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat()
+                f.attrs["config"] = json.dumps(self.config, sort_keys=True)
+                for key in SWEEP_KEYS:
+                    if isinstance(self.config.get(key), int | float | str | bool):
+                        f.attrs[key] = self.config[key]
+                f.create_group("env").attrs.update(_environment(env))
+                f.create_group("metrics")
+            if replace:
+                os.replace(tmp, self.path)
+            else:  # link fails if a file appeared meanwhile: never overwrite by accident
+                try:
+                    os.link(tmp, self.path)
+                except FileExistsError:
+                    raise FileExistsError(f"RunLogger: {self.path} appeared while creating it; "
+                                          "not overwriting it") from None
+                except OSError:  # no hard links on this file system
+                    if self.path.exists():
+                        raise FileExistsError(f"RunLogger: {self.path} appeared while creating "
+                                              "it; not overwriting it") from None
+                    os.replace(tmp, self.path)
+
+    def _resume(self, allow_config_change: bool, env: Mapping[str, Any] | None) -> None:
+        """Rebuild the file from its committed rows (clears a killed writer's state)."""
+        from curvlab.runs import load_run
+
+        old = load_run(self.path)
+        if old.config != self.config and not allow_config_change:
+            changed = sorted(k for k in {*old.config, *self.config}
+                             if old.config.get(k) != self.config.get(k))
+            raise ValueError(f"RunLogger: resuming {self.path} with a different config (keys "
+                             f"{changed} differ); pass the run's own config, or "
+                             "allow_config_change=True to record the new one")
+        with self._staging() as tmp:
+            with _open_read(self.path, "RunLogger") as src, h5py.File(tmp, "w",
+                                                                      libver="latest") as dst:
+                for key, value in src.attrs.items():
+                    dst.attrs[key] = value
+                dst.attrs["config"] = json.dumps(self.config, sort_keys=True)
+                dst.create_group("env").attrs.update({**dict(src["env"].attrs),
+                                                      **_environment(env)})
+                dst.create_group("metrics")
+                for name, metric in old.metrics.items():
+                    self._make_metric(dst, name, metric.value.shape[1:], metric.labels,
+                                      metric.description, metric.threshold, rows=metric.value)
+                    dst[f"metrics/{name}/step"][:] = metric.step
+                    if len(metric.step):
+                        self._last[name] = int(metric.step[-1])
+            os.replace(tmp, self.path)
+
+    @contextlib.contextmanager
+    def _staging(self) -> Iterator[Path]:
+        fd, name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp",
+                                    dir=self.path.parent)
+        os.close(fd)
+        try:
+            yield Path(name)
+        finally:
+            Path(name).unlink(missing_ok=True)
+
+    def _open(self) -> None:
+        self._file = h5py.File(self.path, "r+", libver="latest")
+        self._file.swmr_mode = True
+
+    def _restructure(self, change: Any) -> None:
+        """Apply ``change(file)`` (creating datasets or attributes) on a copy, then swap it in."""
+        self.close()
+        with self._staging() as tmp:
+            shutil.copyfile(self.path, tmp)
+            with h5py.File(tmp, "r+", libver="latest") as f:
+                change(f)
+            os.replace(tmp, self.path)
+        self._open()
+
+    @staticmethod
+    def _make_metric(f: h5py.File, name: str, shape: tuple[int, ...], labels: Sequence[str] | None,
+                     description: str, threshold: float | None, rows: np.ndarray | None = None
+                     ) -> None:
+        n = 0 if rows is None else len(rows)
+        g = f["metrics"].create_group(name)
+        g.create_dataset("step", shape=(n,), maxshape=(None,), dtype="int64", chunks=(256,),
+                         fillvalue=_STEP_FILL)
+        g.create_dataset("value", shape=(n, *shape), maxshape=(None, *shape), dtype="float64",
+                         chunks=(max(1, 4096 // max(1, int(np.prod(shape)))), *shape),
+                         fillvalue=np.nan, data=rows)
+        if labels is not None:
+            g.attrs["labels"] = np.array([str(label) for label in labels],
+                                         dtype=h5py.string_dtype())
+        g.attrs["description"] = description
+        if threshold is not None:
+            g.attrs["threshold"] = float(threshold)
+
+    # --------------------------------------------------------------- public API
+    def declare(self, name: str, *, size: int | None = None, labels: Sequence[str] | None = None,
+                description: str = "", threshold: float | None = None) -> None:
+        """Create metric ``name`` (scalar, or a vector of ``size`` / ``len(labels)`` entries)."""
+        call = "RunLogger.declare"
+        _check_name(name, call)
+        if size is None and labels is not None:
+            size = len(labels)
+        if labels is not None and len(labels) != size:
+            raise ValueError(f"{call}: {name!r} has {len(labels)} labels for {size} values")
+        if self._handle(call)["metrics"].get(name) is not None:
+            raise ValueError(f"{call}: metric {name!r} exists already")
+        shape = () if size is None else (int(size),)
+        self._restructure(lambda f: self._make_metric(f, name, shape, labels, description,
+                                                      threshold))
+
+    def update_env(self, **entries: Any) -> None:
+        """Add or change entries of the ``env`` group (e.g. device, dtype)."""
+        self._restructure(lambda f: f["env"].attrs.update(_environment(entries)))
+
+    def log(self, step: int, **scalars: float) -> None:
+        """Append one step of scalar metrics, e.g. ``log(10, loss=0.3, sharpness=12.1)``."""
+        for name, value in scalars.items():
+            self._append("RunLogger.log", step, name, np.asarray(value, dtype=np.float64), None)
+
+    def log_array(self, step: int, name: str, values: Any, labels: Sequence[str] | None = None,
+                  *, description: str = "", threshold: float | None = None) -> None:
+        """Append one step of a vector metric ``values (k,)`` (top-k eigenvalues, per layer ...)."""
+        values = np.asarray(values, dtype=np.float64)
+        if values.ndim != 1:
+            raise ValueError(f"RunLogger.log_array: {name!r} values must be 1-D, got shape "
+                             f"{values.shape}")
+        self._append("RunLogger.log_array", step, name, values, labels, description, threshold)
+
+    def __contains__(self, name: object) -> bool:
+        """Whether metric ``name`` exists in the file."""
+        return isinstance(name, str) and name in self._handle("RunLogger")["metrics"]
+
+    def _handle(self, call: str) -> h5py.File:
+        if self._file is None:
+            raise ValueError(f"{call}: the logger for {self.path} is closed")
+        return self._file
+
+    def _append(self, call: str, step: int, name: str, value: np.ndarray,
+                labels: Sequence[str] | None, description: str = "",
+                threshold: float | None = None) -> None:
+        _check_name(name, call)
+        if isinstance(step, bool) or not isinstance(step, int | np.integer):
+            raise TypeError(f"{call}: step must be an int, got {type(step).__name__}")
+        metrics = self._handle(call)["metrics"]
+        if name not in metrics:
+            self.declare(name, size=None if value.ndim == 0 else value.shape[0], labels=labels,
+                         description=description, threshold=threshold)
+            metrics = self._handle(call)["metrics"]
+        g = metrics[name]
+        values, steps = g["value"], g["step"]
+        if values.shape[1:] != value.shape:
+            raise ValueError(f"{call}: metric {name!r} holds values of shape {values.shape[1:]}, "
+                             f"got {value.shape}")
+        last = self._last.get(name)
+        if last is not None and step <= last:
+            raise ValueError(f"{call}: step {step} of {name!r} does not follow the last logged "
+                             f"step {last}; steps must increase")
+        n = steps.shape[0]
+        values.resize(n + 1, axis=0)
+        values[n] = value
+        values.flush()  # the value lands before the step that commits the row
+        steps.resize(n + 1, axis=0)
+        steps[n] = step
+        steps.flush()
+        self._last[name] = int(step)
+
+    def flush(self) -> None:
+        self._handle("RunLogger.flush").flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> RunLogger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _curvlab_version() -> str:
+    from curvlab import __version__
+
+    return __version__

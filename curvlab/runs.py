@@ -1,0 +1,118 @@
+"""Reading run files: ``load_run`` and ``load_runs`` return plain numpy data, read-only.
+
+A file is opened with SWMR (so runs still being written, and files left by a killed writer, open
+without repair), only committed rows are returned (see ``curvlab.hdf5``), and nothing in the file
+is executed: the config is parsed as JSON, labels are strings.
+
+Example:
+    >>> import tempfile, pathlib, curvlab as cl
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "w64.h5"
+    >>> with cl.RunLogger(path, {"width": 64}) as log:
+    ...     log.log(0, sharpness=3.0)
+    >>> [run.config["width"] for run in cl.load_runs(str(path.parent / "*.h5"))]
+    [64]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from curvlab.hdf5 import SCHEMA_VERSION, _open_read, committed_rows
+
+
+@dataclasses.dataclass(frozen=True)
+class Metric:
+    """One logged metric: ``step (T,)`` and ``value (T,)`` or ``(T, k)``."""
+
+    name: str
+    step: np.ndarray
+    value: np.ndarray
+    labels: tuple[str, ...] | None = None
+    description: str = ""
+    threshold: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """A run file's contents: ``config`` (dict), ``metrics[name]``, ``attrs`` and ``env``."""
+
+    path: Path
+    config: dict[str, Any]
+    metrics: Mapping[str, Metric]
+    attrs: Mapping[str, Any]
+    env: Mapping[str, str]
+
+    def __getitem__(self, name: str) -> Metric:
+        return self.metrics[name]
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _plain(value: Any) -> Any:
+    """An HDF5 attribute as a plain Python value (numbers, strings, lists)."""
+    if isinstance(value, np.ndarray):
+        return [_plain(v) for v in value.tolist()]
+    if isinstance(value, bytes):
+        return value.decode()
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _read_metric(name: str, g: h5py.Group) -> Metric:
+    if not isinstance(g, h5py.Group) or "step" not in g or "value" not in g:
+        raise ValueError(f"metric {name!r} lacks its step/value datasets")
+    step = np.asarray(g["step"][()], dtype=np.int64)  # (T,)
+    value = np.asarray(g["value"][()], dtype=np.float64)  # (T,) or (T, k)
+    rows = min(committed_rows(step), len(value))
+    labels = tuple(_text(x) for x in g.attrs["labels"]) if "labels" in g.attrs else None
+    threshold = float(g.attrs["threshold"]) if "threshold" in g.attrs else None
+    return Metric(name, step[:rows], value[:rows], labels, _text(g.attrs.get("description", "")),
+                  threshold)
+
+
+def load_run(path: str | os.PathLike[str]) -> Run:
+    """Read the run file ``path`` (read-only; works while it is being written, or after a crash)."""
+    call, path = "load_run", Path(path)
+    with _open_read(path, call) as f:
+        if "schema_version" not in f.attrs or "config" not in f.attrs:
+            raise ValueError(f"{call}: {path} is an HDF5 file but not a curvlab run (no "
+                             "schema_version/config attributes)")
+        version = int(f.attrs["schema_version"])
+        if version > SCHEMA_VERSION:
+            raise ValueError(f"{call}: {path} has schema version {version}; this curvlab reads "
+                             f"up to {SCHEMA_VERSION}; upgrade curvlab")
+        try:
+            config = json.loads(_text(f.attrs["config"]))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{call}: the config of {path} is not valid JSON ({err})") from None
+        try:
+            metrics = {name: _read_metric(name, g) for name, g in f.get("metrics", {}).items()}
+        except (ValueError, OSError, KeyError) as err:
+            raise ValueError(f"{call}: {path} is damaged: {err}") from None
+        attrs = {k: _plain(v) for k, v in f.attrs.items()}
+        env = {k: _text(v) for k, v in f["env"].attrs.items()} if "env" in f else {}
+    return Run(path, config, metrics, attrs, env)
+
+
+def load_runs(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]) -> list[Run]:
+    """Load several runs: a glob pattern (``"runs/*.h5"``) or a list of paths, sorted by path."""
+    call = "load_runs"
+    if isinstance(paths, str | os.PathLike):
+        found = sorted(glob.glob(os.fspath(paths)))
+        if not found:
+            raise ValueError(f"{call}: no file matches {os.fspath(paths)!r}")
+    else:
+        found = sorted(os.fspath(p) for p in paths)
+        if not found:
+            raise ValueError(f"{call}: no paths given")
+    return [load_run(p) for p in found]
