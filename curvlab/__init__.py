@@ -3,13 +3,23 @@
 See ``../shared/DESIGN.md`` for the public API and ``../shared/MATH.md`` for the definitions.
 """
 
-from curvlab import func, layers, linalg, testing
+from curvlab import callbacks, func, layers, linalg, testing
+from curvlab.callbacks import (
+    FeatureChange,
+    FeatureSpeed,
+    HessianSpectrum,
+    Loss,
+    Monitor,
+    NTKSpectrum,
+    Sharpness,
+)
 from curvlab.features import (
     FeatureChangeResult,
     FeatureSpeedResult,
     feature_change,
     feature_speed,
 )
+from curvlab.hdf5 import RunLogger
 from curvlab.kernel_metrics import (
     effective_rank,
     kernel_alignment,
@@ -30,6 +40,7 @@ from curvlab.linalg import (
 from curvlab.ntk import NTKOperator, empirical_ntk, ntk_eigenvalues
 from curvlab.operators import GGNOperator, HessianOperator, OperatorBase
 from curvlab.preconditioning import Preconditioned, adam_scales, lr_scales, preconditioned
+from curvlab.runs import Metric, Run, load_run, load_runs
 from curvlab.sharpness import sharpness
 
 __version__ = "0.1.0"
@@ -37,17 +48,28 @@ __version__ = "0.1.0"
 __all__ = [
     "ConvergenceError",
     "EigResult",
+    "FeatureChange",
     "FeatureChangeResult",
+    "FeatureSpeed",
     "FeatureSpeedResult",
     "GGNOperator",
     "HessianOperator",
+    "HessianSpectrum",
+    "Loss",
+    "Metric",
+    "Monitor",
     "NTKOperator",
+    "NTKSpectrum",
     "OperatorBase",
     "Preconditioned",
+    "Run",
+    "RunLogger",
+    "Sharpness",
     "SpectralDensity",
     "TraceResult",
     "__version__",
     "adam_scales",
+    "callbacks",
     "effective_rank",
     "empirical_ntk",
     "feature_change",
@@ -60,6 +82,8 @@ __all__ = [
     "lanczos",
     "layers",
     "linalg",
+    "load_run",
+    "load_runs",
     "lr_scales",
     "ntk_eigenvalues",
     "power_iteration",

@@ -1,0 +1,18 @@
+"""Training-loop integration: a :class:`Monitor` with measurements, and a Lightning adapter
+(``curvlab.callbacks.lightning``, needs the ``lightning`` extra)."""
+
+from curvlab.callbacks.measurements import (
+    FeatureChange,
+    FeatureSpeed,
+    HessianSpectrum,
+    Loss,
+    NTKSpectrum,
+    Sharpness,
+    eos_threshold,
+    resolve_blocks,
+)
+from curvlab.callbacks.monitor import Context, Measurement, Monitor, Record, Schedule
+
+__all__ = ["Context", "FeatureChange", "FeatureSpeed", "HessianSpectrum", "Loss", "Measurement",
+           "Monitor", "NTKSpectrum", "Record", "Schedule", "Sharpness", "eos_threshold",
+           "resolve_blocks"]

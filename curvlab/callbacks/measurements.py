@@ -1,0 +1,318 @@
+"""Measurements a :class:`~curvlab.Monitor` runs: loss, sharpness, Hessian spectrum, NTK spectrum,
+feature speed and feature change. Each takes a schedule (``every=``, ``steps=`` or
+``per_decade=``) and returns records that the Monitor logs; definitions are in MATH.md.
+
+Per-block curvature: ``blocks="layers"`` (one block per module that owns parameters) or a list of
+parameter-name patterns (``fnmatch``, e.g. ``["0.*", "2.*"]``) or a dict ``label -> patterns``;
+each block's diagonal Hessian block ``H_bb`` gets its own top eigenvalue (and trace).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from curvlab.callbacks.monitor import Context, Measurement, Record
+from curvlab.features import feature_change, feature_speed
+from curvlab.func import forward_context
+from curvlab.kernel_metrics import kernel_alignment, kernel_distance
+from curvlab.linalg import hutchpp_trace, lanczos, spectral_density
+from curvlab.ntk import empirical_ntk
+from curvlab.operators import HessianOperator, _as_batches
+from curvlab.preconditioning import adam_scales, lr_scales, preconditioned
+
+PRECONDITIONERS = (None, "lr", "adam")
+
+
+def resolve_blocks(model: nn.Module, blocks: Any, call: str) -> dict[str, list[str]]:
+    """``label -> parameter names`` for ``blocks`` (see the module docstring)."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    if blocks == "layers":
+        found = {}
+        for module_name, module in model.named_modules():
+            own = [f"{module_name}.{n}" if module_name else n
+                   for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+            if own:
+                found[module_name or "(root)"] = own
+        return found
+    if isinstance(blocks, str) or not isinstance(blocks, Sequence | Mapping):
+        raise TypeError(f"{call}: blocks must be 'layers', a list of parameter-name patterns or a "
+                        f"dict label -> patterns, got {blocks!r}")
+    pairs = blocks.items() if isinstance(blocks, Mapping) else ((b, b) for b in blocks)
+    found = {}
+    for label, patterns in pairs:
+        patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+        chosen = [n for n in names if any(fnmatch.fnmatchcase(n, pat) for pat in patterns)]
+        if not chosen:
+            raise ValueError(f"{call}: block {label!r} matches no trained parameter; names look "
+                             f"like {names[:6]}")
+        found[str(label)] = chosen
+    return found
+
+
+def _scales(kind: str | None, optimizer: Any, model: nn.Module, call: str) -> Any:
+    if kind is None:
+        return None
+    if optimizer is None:
+        raise ValueError(f"{call}: preconditioned={kind!r} needs the Monitor's optimizer")
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    return (lr_scales if kind == "lr" else adam_scales)(optimizer, params)
+
+
+def eos_threshold(kind: str | None, optimizer: Any) -> float | None:
+    """The edge-of-stability line: ``2 / lr`` (GD; raw only when all groups share one LR),
+    ``(2 + 2 beta1) / ((1 - beta1) lr)`` for Adam (38 / lr at beta1 = 0.9), Cohen et al. 2021
+    (arXiv:2103.00065) and 2022 (arXiv:2207.14484); ``lr`` is the base LR for preconditioned
+    sharpness, the common group LR for raw sharpness."""
+    if optimizer is None:
+        return None
+    if kind is None:
+        lrs = {float(g["lr"]) for g in optimizer.param_groups}
+        return 2.0 / lrs.pop() if len(lrs) == 1 else None
+    base = float(optimizer.defaults["lr"])
+    if kind == "lr":
+        return 2.0 / base
+    beta1 = float(optimizer.param_groups[0]["betas"][0])
+    return (2 + 2 * beta1) / ((1 - beta1) * base)
+
+
+class Loss(Measurement):
+    """The mean loss over the probe (size-weighted over batches), in eval mode."""
+
+    name = "loss"
+
+    def measure(self, ctx: Context) -> list[Record]:
+        batches, _ = _as_batches(ctx.probe, "Loss")
+        total, count = 0.0, 0
+        device = next(ctx.model.parameters()).device
+        with forward_context(ctx.model, train_mode=False, seed=0, device=device), \
+                torch.no_grad():
+            for x, y in batches:
+                n = len(y)
+                total += float(ctx.loss_fn(ctx.model(x), y)) * n
+                count += n
+        return [Record(self.name, total / count, description="mean loss over the probe")]
+
+
+class _HessianMeasurement(Measurement):
+    def __init__(self, *, k: int, tol: float, max_iters: int | None, blocks: Any,
+                 preconditioned: str | None, **schedule: Any) -> None:
+        super().__init__(**schedule)
+        if preconditioned not in PRECONDITIONERS:
+            raise ValueError(f"{type(self).__name__}: preconditioned must be one of "
+                             f"{PRECONDITIONERS}, got {preconditioned!r}")
+        self.k, self.tol, self.max_iters = k, tol, max_iters
+        self.blocks, self.kind = blocks, preconditioned
+        self._previous: Any = None  # eigenvectors of the last measurement (warm start)
+        self.num_matvecs: list[int] = []
+
+    def setup(self, ctx: Context) -> None:
+        if self.kind is not None and ctx.optimizer is None:
+            raise ValueError(f"{type(self).__name__}: preconditioned={self.kind!r} needs the "
+                             "Monitor's optimizer")
+        if self.blocks is not None:
+            self._blocks = resolve_blocks(ctx.model, self.blocks, type(self).__name__)
+
+    def operator(self, ctx: Context, params: list[str] | None = None) -> Any:
+        H: Any = HessianOperator(ctx.model, ctx.loss_fn, ctx.probe, params=params)
+        scales = _scales(self.kind, ctx.optimizer, ctx.model, type(self).__name__)
+        if scales is not None:
+            if params is not None:
+                names = [n for n, p in ctx.model.named_parameters() if p.requires_grad]
+                sizes = [p.numel() for n, p in ctx.model.named_parameters() if p.requires_grad]
+                parts = dict(zip(names, scales.split(sizes), strict=True))
+                scales = torch.cat([parts[n] for n in H.param_names])
+            H = preconditioned(H, scales)
+        return H
+
+    def ready(self, ctx: Context) -> bool:
+        """Adam's preconditioner exists only after the first optimizer step."""
+        return self.kind != "adam" or bool(ctx.optimizer is not None and ctx.optimizer.state)
+
+    def top(self, ctx: Context) -> Any:
+        A = self.operator(ctx)
+        previous = self._previous if getattr(self, "warm_start", True) else None
+        v0 = previous if previous is not None and previous.shape[0] == A.shape[0] else None
+        result = lanczos(A, k=self.k, tol=self.tol, max_iters=self.max_iters, v0=v0,
+                         generator=ctx.generator)
+        self._previous = result.eigenvectors[:, 0]
+        self.num_matvecs.append(result.num_matvecs)
+        return result
+
+    def block_records(self, ctx: Context, with_trace: bool) -> list[Record]:
+        if self.blocks is None:
+            return []
+        labels = list(self._blocks)
+        tops, traces = [], []
+        for label in labels:
+            A = self.operator(ctx, self._blocks[label])
+            if A.shape[0] == 1:
+                tops.append(float((A @ torch.ones(1, dtype=A.dtype, device=A.device))[0]))
+            else:
+                tops.append(float(lanczos(A, k=1, tol=self.tol, max_iters=self.max_iters,
+                                          generator=ctx.generator).eigenvalues[0]))
+            if with_trace:
+                traces.append(self.trace(A, ctx))
+        records = [Record(f"{self.name}_blocks", tops, labels,
+                          "top eigenvalue of each diagonal Hessian block")]
+        if with_trace:
+            records.append(Record(f"{self.name}_block_trace", traces, labels,
+                                  "trace of each diagonal Hessian block (Hutch++)"))
+        return records
+
+    def trace(self, A: Any, ctx: Context) -> float:
+        """Exact ``tr(A)`` from ``A @ I`` when the block has at most ``trace_matvecs`` columns,
+        else Hutch++ with ``trace_matvecs`` products (Meyer et al. 2021, arXiv:2010.09649)."""
+        P, budget = A.shape[0], getattr(self, "trace_matvecs", 0)
+        if P <= budget:
+            eye = torch.eye(P, dtype=A.dtype, device=A.device)  # (P, P)
+            return float(torch.diagonal(A @ eye).sum())
+        return hutchpp_trace(A, budget, generator=ctx.generator).estimate
+
+
+class Sharpness(_HessianMeasurement):
+    """Top-``k`` Hessian eigenvalues by Lanczos, warm-started from the previous top eigenvector.
+
+    ``preconditioned``: ``None`` (raw), ``"lr"`` (``D = lr_scales``) or ``"adam"``
+    (``D = adam_scales``); the EoS threshold (:func:`eos_threshold`) is stored as the metric's
+    ``threshold`` attribute and logged as ``<name>_threshold``. Metric name: ``sharpness``,
+    ``sharpness_lr`` or ``sharpness_adam`` unless ``name=``. ``warm_start=False`` starts every
+    Lanczos run from a random vector (for comparison; warm starts save products). The products
+    of each measurement are kept in ``num_matvecs``.
+    """
+
+    def __init__(self, *, k: int = 1, preconditioned: str | None = None, tol: float = 1e-4,
+                 max_iters: int | None = None, blocks: Any = None, warm_start: bool = True,
+                 **schedule: Any) -> None:
+        schedule.setdefault("name", "sharpness" + (f"_{preconditioned}" if preconditioned else ""))
+        super().__init__(k=k, tol=tol, max_iters=max_iters, blocks=blocks,
+                         preconditioned=preconditioned, **schedule)
+        self.warm_start = warm_start
+
+    def measure(self, ctx: Context) -> list[Record]:
+        if not self.ready(ctx):
+            return []
+        result = self.top(ctx)
+        values = result.eigenvalues
+        threshold = eos_threshold(self.kind, ctx.optimizer)
+        records = [Record(self.name, values[0] if self.k == 1 else values,
+                          None if self.k == 1 else [str(i) for i in range(self.k)],
+                          "top Hessian eigenvalue" + ("s" if self.k > 1 else "")
+                          + (f", preconditioned by {self.kind}" if self.kind else ""), threshold)]
+        if threshold is not None:
+            records.append(Record(f"{self.name}_threshold", threshold,
+                                  description="edge-of-stability threshold"))
+        return records + self.block_records(ctx, with_trace=False)
+
+
+class HessianSpectrum(_HessianMeasurement):
+    """Top-``k`` eigenvalues (``hessian_top``), the SLQ spectral density (``hessian_density_nodes``
+    and ``hessian_density_weights``, ``num_probes * num_iters`` each, Ubaru et al. 2017) and its
+    trace estimate (``hessian_trace``); with ``blocks=``, each diagonal block's top eigenvalue and
+    Hutch++ trace (``trace_matvecs`` products, exact when that reaches the block size)."""
+
+    def __init__(self, *, k: int = 5, density: bool = True, num_probes: int = 2,
+                 num_iters: int = 30, trace_matvecs: int = 60, tol: float = 1e-4,
+                 max_iters: int | None = None, blocks: Any = None,
+                 preconditioned: str | None = None, **schedule: Any) -> None:
+        schedule.setdefault("name", "hessian")
+        super().__init__(k=k, tol=tol, max_iters=max_iters, blocks=blocks,
+                         preconditioned=preconditioned, **schedule)
+        self.density, self.num_probes, self.num_iters = density, num_probes, num_iters
+        self.trace_matvecs = trace_matvecs
+
+    def measure(self, ctx: Context) -> list[Record]:
+        if not self.ready(ctx):
+            return []
+        result = self.top(ctx)
+        records = [Record(f"{self.name}_top", result.eigenvalues, [str(i) for i in range(self.k)],
+                          f"top-{self.k} Hessian eigenvalues")]
+        if self.density:
+            A = self.operator(ctx)
+            sd = spectral_density(A, num_probes=self.num_probes,
+                                  num_iters=min(self.num_iters, A.shape[0]),
+                                  generator=ctx.generator)
+            records += [Record(f"{self.name}_density_nodes", sd.nodes.reshape(-1),
+                               description="SLQ Ritz nodes, probes concatenated"),
+                        Record(f"{self.name}_density_weights", sd.weights.reshape(-1),
+                               description="SLQ weights (each probe's sum to 1)"),
+                        Record(f"{self.name}_trace", sd.trace(),
+                               description="trace estimate from SLQ")]
+        return records + self.block_records(ctx, with_trace=True)
+
+
+class NTKSpectrum(Measurement):
+    """Empirical NTK on the probe's first batch (trace over outputs, ``(n, n)``): its top-``k``
+    eigenvalues (``ntk_top``), alignment with the targets (``ntk_alignment``; class labels are
+    one-hot encoded) and distance from the first measured kernel (``ntk_distance_from_start``)."""
+
+    name = "ntk"
+
+    def __init__(self, *, k: int = 10, **schedule: Any) -> None:
+        super().__init__(**schedule)
+        self.k = k
+        self._first: torch.Tensor | None = None
+
+    def measure(self, ctx: Context) -> list[Record]:
+        x, y = ctx.first_batch
+        K = empirical_ntk(ctx.model, x, outputs="trace")  # (n, n)
+        if not isinstance(K, torch.Tensor):  # per_layer=True is never asked for here
+            raise TypeError("NTKSpectrum: expected one kernel tensor")
+        k = min(self.k, K.shape[0])
+        eig = torch.linalg.eigvalsh(K.double()).flip(0)[:k]  # (k,), largest first
+        targets = y if y.is_floating_point() else F.one_hot(y).to(K.dtype)  # (n, c)
+        if self._first is None:
+            self._first = K.detach().clone()
+        return [Record(f"{self.name}_top", eig, [str(i) for i in range(k)],
+                       "top eigenvalues of the empirical NTK (trace over outputs)"),
+                Record(f"{self.name}_alignment", kernel_alignment(K, targets.reshape(len(y), -1)),
+                       description="centered kernel-target alignment"),
+                Record(f"{self.name}_distance_from_start", kernel_distance(K, self._first),
+                       description="1 - cos(K_t, K_first)")]
+
+
+class FeatureSpeed(Measurement):
+    """:func:`~curvlab.feature_speed` on the probe's first batch, with the optimizer's per-group
+    learning rates when the Monitor has an optimizer. One ``(layers,)`` metric per quantity."""
+
+    name = "feature"
+
+    def __init__(self, *, layers: Sequence[str] | None = None, **schedule: Any) -> None:
+        super().__init__(**schedule)
+        self.layers = layers
+
+    def measure(self, ctx: Context) -> list[Record]:
+        r = feature_speed(ctx.model, ctx.loss_fn, ctx.first_batch, layers=self.layers,
+                          optimizer=ctx.optimizer)
+        return [Record(f"{self.name}_{key}", value, r.layers, f"feature speed: {key} per layer")
+                for key, value in r.as_dict().items()]
+
+
+class FeatureChange(Measurement):
+    """:func:`~curvlab.feature_change` (one real optimizer step, on a copy) on the probe's first
+    batch: ``feature_rms`` and ``feature_change_rms`` per layer. Needs the Monitor's optimizer."""
+
+    name = "feature_change"
+
+    def __init__(self, *, layers: Sequence[str] | None = None, **schedule: Any) -> None:
+        super().__init__(**schedule)
+        self.layers = layers
+
+    def setup(self, ctx: Context) -> None:
+        if ctx.optimizer is None:
+            raise ValueError("FeatureChange: needs the Monitor's optimizer (Monitor(..., "
+                             "optimizer=opt))")
+
+    def measure(self, ctx: Context) -> list[Record]:
+        if ctx.optimizer is None:
+            raise ValueError("FeatureChange: needs the Monitor's optimizer")
+        r = feature_change(ctx.model, ctx.loss_fn, ctx.first_batch, ctx.optimizer,
+                           layers=self.layers)
+        return [Record("feature_rms", r.feature_rms, r.layers, "RMS of the features"),
+                Record(f"{self.name}_rms", r.change_rms, r.layers,
+                       "RMS change of the features after one optimizer step")]

@@ -1,0 +1,226 @@
+"""``Monitor``: run curvlab measurements from a training loop and log them to a ``RunLogger``.
+
+Hooks follow Lightning's names so the same object serves plain loops and the Lightning adapter
+(``curvlab.callbacks.lightning``): ``on_train_start()`` (measures step 0, the initialization),
+``on_train_batch_end(step)`` with ``step`` the number of optimizer steps taken, ``on_train_end()``.
+
+Measurements never perturb training: they run on the live model but restore its mode, never touch
+parameters, buffers, gradients or optimizer state, and run with the global RNG forked (Lanczos
+start vectors come from a ``torch.Generator`` seeded per step), so a run with a Monitor follows
+the same trajectory as one without.
+
+Example:
+    >>> import tempfile, pathlib, torch, curvlab as cl
+    >>> _ = torch.manual_seed(0); model = cl.testing.MLP(3, 8, 2)
+    >>> x, y = torch.randn(32, 3), torch.randn(32, 2)
+    >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "run.h5"
+    >>> with cl.RunLogger(path, {"lr": 0.1}) as log:
+    ...     mon = cl.Monitor(model, cl.testing.mse, (x, y), log,
+    ...                      [cl.Loss(every=5), cl.Sharpness(every=5)], optimizer=opt)
+    ...     mon.on_train_start()
+    ...     for step in range(1, 11):
+    ...         opt.zero_grad(); cl.testing.mse(model(x), y).backward(); opt.step()
+    ...         mon.on_train_batch_end(step)
+    ...     mon.on_train_end()
+    >>> run = cl.load_run(path)
+    >>> run.metrics["sharpness"].step.tolist(), run.metrics["sharpness"].threshold
+    ([0, 5, 10], 20.0)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from curvlab.hdf5 import RunLogger
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """When a measurement runs: every ``every`` steps, at explicit ``steps``, or ``per_decade``
+    log-spaced steps (0, 1, 2, ..., then about ``per_decade`` steps per factor of 10)."""
+
+    every: int | None = None
+    steps: frozenset[int] | None = None
+    per_decade: int | None = None
+
+    @classmethod
+    def make(cls, every: int | None, steps: Iterable[int] | None, per_decade: int | None,
+             call: str) -> Schedule:
+        given = [every is not None, steps is not None, per_decade is not None]
+        if sum(given) != 1:
+            raise ValueError(f"{call}: give exactly one schedule: every=N, steps=[...] or "
+                             "per_decade=N")
+        for name, value in (("every", every), ("per_decade", per_decade)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{call}: {name} must be a positive int, got {value!r}")
+        return cls(every, None if steps is None else frozenset(int(s) for s in steps), per_decade)
+
+    def due(self, step: int) -> bool:
+        if self.every is not None:
+            return step % self.every == 0
+        if self.steps is not None:
+            return step in self.steps
+        per_decade = self.per_decade or 1
+        if step <= 0:
+            return step == 0
+        i = round(per_decade * math.log10(step))
+        return any(round(10 ** (j / per_decade)) == step for j in (i - 1, i, i + 1))
+
+
+@dataclass
+class Context:
+    """What a measurement sees: the model, loss, probe data, optimizer and the step."""
+
+    model: nn.Module
+    loss_fn: Callable[[Any, Any], Tensor]
+    probe: Any
+    optimizer: torch.optim.Optimizer | None
+    step: int
+    generator: torch.Generator
+
+    @property
+    def first_batch(self) -> tuple[Any, Any]:
+        """The probe's first ``(inputs, targets)`` batch (feature and NTK measurements)."""
+        if isinstance(self.probe, tuple) and len(self.probe) == 2:
+            return self.probe
+        return next(iter(self.probe))
+
+
+@dataclass(frozen=True)
+class Record:
+    """One value to log: a scalar or a vector with optional labels and attributes."""
+
+    name: str
+    value: Any
+    labels: Sequence[str] | None = None
+    description: str = ""
+    threshold: float | None = None
+
+
+class Measurement:
+    """Base class: a schedule, a name, and ``measure(ctx) -> list[Record]``."""
+
+    name = "measurement"
+
+    def __init__(self, *, every: int | None = None, steps: Iterable[int] | None = None,
+                 per_decade: int | None = None, name: str | None = None) -> None:
+        self.schedule = Schedule.make(every, steps, per_decade, type(self).__name__)
+        if name is not None:
+            self.name = name
+
+    def setup(self, ctx: Context) -> None:
+        """Check the measurement can run (called once, at ``on_train_start``)."""
+
+    def measure(self, ctx: Context) -> list[Record]:
+        raise NotImplementedError
+
+
+class Monitor:
+    """Run ``measurements`` on a schedule during training and log them to ``logger``.
+
+    Args:
+        model, loss_fn: the trained model and its batch-mean loss.
+        probe: the fixed data measured on: one ``(inputs, targets)`` batch or a list of batches
+            (feature and NTK measurements use the first).
+        logger: a :class:`~curvlab.RunLogger`.
+        measurements: e.g. ``[cl.Loss(every=1), cl.Sharpness(every=10)]``.
+        optimizer: the training optimizer (LR and Adam preconditioning, feature change).
+        budget: optional share of wall time (e.g. 0.2) that measurements may take; a due
+            measurement is skipped while the share spent so far exceeds it (the schedule
+            stretches), and the skip is counted in ``monitor_skipped``.
+        seed: seeds the per-step ``torch.Generator`` of stochastic estimators.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], probe: Any,
+                 logger: RunLogger, measurements: Sequence[Measurement], *,
+                 optimizer: torch.optim.Optimizer | None = None, budget: float | None = None,
+                 seed: int = 0) -> None:
+        call = "Monitor"
+        if not isinstance(logger, RunLogger):
+            raise TypeError(f"{call}: logger must be a curvlab.RunLogger, got "
+                            f"{type(logger).__name__}")
+        bad = [m for m in measurements if not isinstance(m, Measurement)]
+        if bad or not measurements:
+            raise TypeError(f"{call}: measurements must be a non-empty list of curvlab "
+                            f"measurements (cl.Loss, cl.Sharpness, ...), got {bad or 'none'}")
+        names = [m.name for m in measurements]
+        if len(set(names)) != len(names):
+            raise ValueError(f"{call}: measurement names must differ, got {names}; pass name=")
+        if budget is not None and not 0 < budget < 1:
+            raise ValueError(f"{call}: budget must be a share of wall time in (0, 1), got {budget}")
+        self.model, self.loss_fn, self.probe, self.logger = model, loss_fn, probe, logger
+        self.measurements, self.optimizer = list(measurements), optimizer
+        self.budget, self.seed = budget, seed
+        self.spent = 0.0  # seconds inside measurements
+        self.skipped = 0
+        self._start: float | None = None
+
+    def _context(self, step: int) -> Context:
+        generator = torch.Generator(device=_device(self.model)).manual_seed(self.seed + step)
+        return Context(self.model, self.loss_fn, self.probe, self.optimizer, step, generator)
+
+    def on_train_start(self) -> None:
+        self._start = time.perf_counter()
+        p = next(self.model.parameters())
+        self.logger.update_env(device=p.device, dtype=p.dtype)
+        ctx = self._context(0)
+        for m in self.measurements:
+            m.setup(ctx)
+        self.measure(0)
+
+    def on_train_batch_end(self, step: int) -> None:
+        if self._start is None:
+            raise ValueError("Monitor.on_train_batch_end: call on_train_start() first")
+        self.measure(step)
+
+    def on_train_end(self) -> None:
+        self.logger.flush()
+
+    def measure(self, step: int) -> None:
+        """Run the measurements due at ``step`` (respecting the budget) and log them."""
+        due = [m for m in self.measurements if m.schedule.due(step)]
+        if not due:
+            return
+        if self._over_budget():
+            self.skipped += len(due)
+            self.logger.log(step, monitor_skipped=self.skipped)
+            return
+        device = _device(self.model)
+        for m in due:
+            start = time.perf_counter()
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                records = m.measure(self._context(step))
+            seconds = time.perf_counter() - start
+            self.spent += seconds
+            for r in records:
+                value = (r.value.detach().cpu().double().numpy() if isinstance(r.value, Tensor)
+                         else np.asarray(r.value, dtype=np.float64))  # lists stay float64
+                if r.name not in self.logger:
+                    self.logger.declare(r.name, size=value.size if value.ndim else None,
+                                        labels=r.labels, description=r.description,
+                                        threshold=r.threshold)
+                if value.ndim == 0:
+                    self.logger.log(step, **{r.name: float(value)})
+                else:
+                    self.logger.log_array(step, r.name, value)
+            self.logger.log(step, **{f"time_{m.name}": seconds})
+
+    def _over_budget(self) -> bool:
+        if self.budget is None or self._start is None:
+            return False
+        elapsed = time.perf_counter() - self._start
+        return elapsed > 0 and self.spent / elapsed > self.budget
+
+
+def _device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return torch.device("cpu") if p is None else p.device

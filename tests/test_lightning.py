@@ -1,0 +1,80 @@
+"""The Lightning adapter logs what the plain-loop Monitor logs (needs the lightning extra)."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from torch.utils.data import DataLoader, TensorDataset
+
+import curvlab as cl
+from curvlab.callbacks.lightning import CurvlabCallback
+from curvlab.testing import MLP, mse
+
+LR, STEPS = 0.05, 20
+
+
+def _problem():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    model = MLP(4, 8, 2).double()
+    x = torch.randn(32, 4, generator=g, dtype=torch.float64)
+    y = torch.randn(32, 2, generator=g, dtype=torch.float64)
+    return model, x, y
+
+
+def _measurements():
+    return [cl.Loss(every=5), cl.Sharpness(every=10, tol=1e-10), cl.FeatureSpeed(every=10)]
+
+
+class Module(LightningModule):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return mse(self.model(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.model.parameters(), lr=LR)
+
+
+def test_lightning_callback_logs_the_same_metrics_as_a_plain_loop(tmp_path):
+    model, x, y = _problem()
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    with cl.RunLogger(tmp_path / "plain.h5", {"lr": LR}) as log:
+        mon = cl.Monitor(model, mse, (x, y), log, _measurements(), optimizer=opt)
+        mon.on_train_start()
+        for step in range(1, STEPS + 1):
+            opt.zero_grad()
+            mse(model(x), y).backward()
+            opt.step()
+            mon.on_train_batch_end(step)
+        mon.on_train_end()
+
+    model2, x2, y2 = _problem()
+    module = Module(model2)
+    with cl.RunLogger(tmp_path / "lightning.h5", {"lr": LR}) as log:
+        mon = cl.Monitor(model2, mse, (x2, y2), log, _measurements())
+        trainer = Trainer(max_steps=STEPS, accelerator="cpu", logger=False,
+                          enable_checkpointing=False, enable_progress_bar=False,
+                          enable_model_summary=False, callbacks=[CurvlabCallback(mon)])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Lightning's advice on workers and logging
+            trainer.fit(module, DataLoader(TensorDataset(x2, y2), batch_size=32))
+    plain, light = cl.load_run(tmp_path / "plain.h5"), cl.load_run(tmp_path / "lightning.h5")
+    names = {n for n in plain.metrics if not n.startswith("time_")}
+    assert names == {n for n in light.metrics if not n.startswith("time_")}
+    for name in names:
+        np.testing.assert_array_equal(plain[name].step, light[name].step)
+        np.testing.assert_allclose(light[name].value, plain[name].value, rtol=1e-9, atol=1e-12)
+    assert light["sharpness"].threshold == pytest.approx(2 / LR)
+
+
+def test_callback_refuses_other_objects():
+    with pytest.raises(TypeError, match=r"CurvlabCallback: expected a curvlab\.Monitor"):
+        CurvlabCallback("monitor")
