@@ -181,3 +181,43 @@ def test_monitor_errors(tmp_path):
         resolve_blocks(model, {"x": "nope.*"}, "Sharpness")
     with pytest.raises(TypeError, match="blocks must be 'layers'"):
         resolve_blocks(model, "all", "Sharpness")
+
+
+class _Noisy(torch.nn.Sequential):
+    def __init__(self):
+        super().__init__(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(),
+                         torch.nn.Dropout(0.2), torch.nn.Linear(8, 2))
+
+
+def _state(model, opt):
+    return (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()),
+            [p.grad.clone() for p in model.parameters()], torch.get_rng_state())
+
+
+def test_measurements_leave_train_mode_batchnorm_dropout_models_untouched(tmp_path):
+    torch.manual_seed(0)
+    model = _Noisy().double().train()
+    _, data = _problem()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(2):  # momentum state, running statistics and .grad all non-trivial
+        opt.zero_grad()
+        mse(model(data[0]), data[1]).backward()
+        opt.step()
+    before = _state(model, opt)
+    with cl.RunLogger(tmp_path / "n.h5", {}) as log:
+        mon = cl.Monitor(model, mse, data, log,
+                         [cl.Loss(every=1), cl.Sharpness(every=1, preconditioned="adam"),
+                          cl.HessianSpectrum(every=1, k=2, num_iters=8), cl.NTKSpectrum(every=1),
+                          cl.FeatureSpeed(every=1), cl.FeatureChange(every=1)], optimizer=opt)
+        mon.on_train_start()
+        mon.on_train_batch_end(1)
+    after = _state(model, opt)
+    for a, b in zip(before, after, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert all(m.training for m in model.modules())
+    run = cl.load_run(tmp_path / "n.h5")
+    assert run["sharpness_adam"].step.tolist() == [0, 1]  # Adam state existed from the start
+    # eval-mode curvature (running statistics, no dropout) is what was measured
+    ref = cl.sharpness(copy.deepcopy(model).eval(), mse, data, tol=1e-10,
+                       scales=cl.adam_scales(opt, dict(model.named_parameters())))
+    torch.testing.assert_close(run["sharpness_adam"].value[0], ref, rtol=1e-3, atol=0)

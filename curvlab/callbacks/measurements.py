@@ -298,6 +298,7 @@ class FeatureChange(Measurement):
     batch: ``feature_rms`` and ``feature_change_rms`` per layer. Needs the Monitor's optimizer."""
 
     name = "feature_change"
+    eval_mode = False  # its optimizer step runs in the model's own mode, on a copy
 
     def __init__(self, *, layers: Sequence[str] | None = None, **schedule: Any) -> None:
         super().__init__(**schedule)

@@ -4,10 +4,11 @@ Hooks follow Lightning's names so the same object serves plain loops and the Lig
 (``curvlab.callbacks.lightning``): ``on_train_start()`` (measures step 0, the initialization),
 ``on_train_batch_end(step)`` with ``step`` the number of optimizer steps taken, ``on_train_end()``.
 
-Measurements never perturb training: they run on the live model but restore its mode, never touch
-parameters, buffers, gradients or optimizer state, and run with the global RNG forked (Lanczos
-start vectors come from a ``torch.Generator`` seeded per step), so a run with a Monitor follows
-the same trajectory as one without.
+Measurements never perturb training: they run on the live model in eval mode (so train-mode
+BatchNorm and Dropout are measured deterministically, with running statistics) and restore every
+module's mode afterwards; they never touch parameters, buffers, gradients or optimizer state, and
+run with the global RNG forked (Lanczos start vectors come from a ``torch.Generator`` seeded per
+step), so a run with a Monitor follows the same trajectory as one without.
 
 Example:
     >>> import tempfile, pathlib, torch, curvlab as cl
@@ -30,9 +31,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,6 +112,7 @@ class Measurement:
     """Base class: a schedule, a name, and ``measure(ctx) -> list[Record]``."""
 
     name = "measurement"
+    eval_mode = True  # the Monitor runs it with the model in eval mode (flags restored after)
 
     def __init__(self, *, every: int | None = None, steps: Iterable[int] | None = None,
                  per_decade: int | None = None, name: str | None = None) -> None:
@@ -197,7 +200,8 @@ class Monitor:
         device = _device(self.model)
         for m in due:
             start = time.perf_counter()
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+                    _modes_restored(self.model, eval_mode=m.eval_mode):
                 records = m.measure(self._context(step))
             seconds = time.perf_counter() - start
             self.spent += seconds
@@ -219,6 +223,19 @@ class Monitor:
             return False
         elapsed = time.perf_counter() - self._start
         return elapsed > 0 and self.spent / elapsed > self.budget
+
+
+@contextlib.contextmanager
+def _modes_restored(model: nn.Module, *, eval_mode: bool) -> Iterator[None]:
+    """Optionally switch ``model`` to eval mode; restore every module's flag afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        if eval_mode:
+            model.eval()
+        yield
+    finally:
+        for module, flag in flags:
+            module.training = flag
 
 
 def _device(model: nn.Module) -> torch.device:
