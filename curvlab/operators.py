@@ -148,6 +148,7 @@ class _CurvatureOperator(OperatorBase):
         self._frozen.update({n: b.detach().clone() for n, b in model.named_buffers()})
         self.model, self.loss_fn = model, loss_fn
         self.allow_train_mode, self.seed = allow_train_mode, seed
+        self._tied = func.has_tied_tensors(model)
         self.reuse_graph = single if reuse_graph is None else bool(reuse_graph)
         self.method = "rev-rev" if method == "auto" else method
         self.num_matvecs = 0
@@ -254,7 +255,8 @@ class HessianOperator(_CurvatureOperator):
     """
 
     def _make_product(self, inputs: Any, targets: Any, index: int) -> Product:
-        loss = func.make_functional_loss(self.model, self.loss_fn, self._frozen, inputs, targets)
+        loss = func.make_functional_loss(self.model, self.loss_fn, self._frozen, inputs, targets,
+                                         tie_weights=self._tied)
         context = partial(self._context, index)
         check = partial(self._check_loss, index=index)
         if self.method == "rev-rev":

@@ -227,3 +227,30 @@ def test_float32_products_follow_model_dtype() -> None:
     H_dense = cl.testing.dense_hessian(copy.deepcopy(c.model).double(), c.loss_fn,
                                        (c.data[0].double(), c.data[1]))
     assert_rel_close(out.double(), H_dense @ V, tol=1e-4)
+
+
+class _Tied(torch.nn.Module):
+    """An autoencoder whose decoder reuses the encoder's weight (one tensor, two names)."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc, self.dec = torch.nn.Linear(5, 3, bias=False), torch.nn.Linear(3, 5, bias=False)
+        self.dec.weight = self.enc.weight  # tied: registered as enc.weight and dec.weight
+
+    def forward(self, x):
+        return torch.nn.functional.linear(torch.tanh(self.enc(x)), self.dec.weight.T)
+
+
+def test_tied_weights_are_detected_and_differentiated_once():
+    from curvlab.func import has_tied_tensors
+    from curvlab.testing import dense_hessian, mse
+
+    torch.manual_seed(0)
+    model = _Tied().double()
+    x = torch.randn(7, 5, dtype=torch.float64)
+    assert has_tied_tensors(model) and not has_tied_tensors(torch.nn.Linear(2, 2))
+    H = cl.HessianOperator(model, mse, (x, x))
+    assert H.shape == (15, 15)
+    ref = dense_hessian(model, mse, (x, x))
+    torch.testing.assert_close(H @ torch.eye(15, dtype=torch.float64), ref, rtol=1e-10,
+                               atol=1e-12)
