@@ -147,6 +147,8 @@ class _HessianMeasurement(Measurement):
     def block_records(self, ctx: Context, with_trace: bool) -> list[Record]:
         if self.blocks is None:
             return []
+        if not hasattr(self, "_blocks"):  # measure() called without on_train_start()
+            self._blocks = resolve_blocks(ctx.model, self.blocks, type(self).__name__)
         labels = list(self._blocks)
         tops, traces = [], []
         for label in labels:
