@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from hvp import (
     environment,
     make_problem,
     median,
-    other_load,
+    save,
     time_interleaved,
     write_section,
 )
@@ -124,14 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     result = {"settings": {"repeats": args.repeats, "warmup": args.warmup, "quick": args.quick,
                            "dtype": "float32", "models": args.models},
               "environment": environment(device), "models": models}
-    result["environment"]["other_load_cores_during_run"] = other_load(start)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    text = markdown(result)
-    out.with_suffix(".md").write_text(text)
-    print(text)
-    if out.resolve().parent == (HERE / "results").resolve():
-        write_readme()
+    save(result, start, out, markdown, write_readme)
 
 
 if __name__ == "__main__":

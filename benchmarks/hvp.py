@@ -332,6 +332,21 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def save(result: dict[str, Any], start: Any, out: Path, markdown_of: Callable[[dict], str],
+         write_readme: Callable[[], None]) -> None:
+    """Record the other load since ``start``, write ``out`` (JSON) and its ``.md`` table, print
+    the table, and refresh the README section when ``out`` is a full run in ``results/``."""
+    # Other work on the machine during the run; well above 0.1 cores makes the timings noisy.
+    result["environment"]["other_load_cores_during_run"] = other_load(start)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    text = markdown_of(result)
+    out.with_suffix(".md").write_text(text)
+    print(text)
+    if out.resolve().parent == (HERE / "results").resolve() and not result["settings"]["quick"]:
+        write_readme()
+
+
 def write_section(name: str, title: str, intro: str, markdown_of: Callable[[dict], str]) -> None:
     """Regenerate one benchmark's section of benchmarks/README.md from every full-run
     ``results/<name>_*.json``; other sections are kept (markers ``<!-- <name>.py:start -->``
@@ -382,15 +397,7 @@ def main(argv: list[str] | None = None) -> None:
     result = {"settings": {"repeats": args.repeats, "warmup": args.warmup, "quick": args.quick,
                            "blocks": list(BLOCKS), "dtype": "float32", "models": args.models},
               "environment": environment(device), "models": models}
-    # Other work on the machine during the run; well above 0.1 cores makes the timings noisy.
-    result["environment"]["other_load_cores_during_run"] = other_load(start)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    text = markdown(result)
-    out.with_suffix(".md").write_text(text)
-    print(text)
-    if out.resolve().parent == (HERE / "results").resolve():
-        write_readme()
+    save(result, start, out, markdown, write_readme)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ Run ``python benchmarks/monitor.py`` (a few minutes on two cores; ``--quick`` fo
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -28,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hvp import busy_seconds, environment, make_problem, other_load, write_section
+from hvp import busy_seconds, environment, make_problem, save, write_section
 from torch import nn
 
 import curvlab as cl
@@ -127,15 +126,8 @@ def main(argv: list[str] | None = None) -> None:
     result = {"settings": {"steps": steps, "repeats": repeats, "quick": args.quick,
                            "every": 10, "tol": 1e-4, "lr": 0.05},
               "environment": environment(torch.device("cpu")), "summary": summary, "runs": runs}
-    result["environment"]["other_load_cores_during_run"] = other_load(start)
     out = HERE / "results" / f"monitor_cpu{'_quick' if args.quick else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    text = markdown(result)
-    out.with_suffix(".md").write_text(text)
-    print(text)
-    if not args.quick:
-        write_readme()
+    save(result, start, out, markdown, write_readme)
 
 
 if __name__ == "__main__":

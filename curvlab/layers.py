@@ -104,11 +104,11 @@ def _parents(node: Graph) -> Iterator[Graph]:
             yield parent
 
 
-def upstream_params(root: Graph | None) -> set[int]:
-    """``id``s of the leaf tensors (parameters) that the graph node ``root`` depends on."""
-    found: set[int] = set()
-    seen: set[Graph] = set()
-    stack = [] if root is None else [root]
+def _leaves(roots: Sequence[Graph | None], blocked: Graph | None = None) -> Iterator[int]:
+    """``id``s of the leaf tensors (parameters) reachable from ``roots`` in the autograd graph,
+    never passing through the node ``blocked``."""
+    seen: set[Graph] = {blocked} if blocked is not None else set()
+    stack = [r for r in roots if r is not None]
     while stack:
         node = stack.pop()
         if node in seen:
@@ -116,28 +116,20 @@ def upstream_params(root: Graph | None) -> set[int]:
         seen.add(node)
         variable = getattr(node, "variable", None)
         if isinstance(variable, Tensor):
-            found.add(id(variable))
+            yield id(variable)
         stack.extend(_parents(node))
-    return found
+
+
+def upstream_params(root: Graph | None) -> set[int]:
+    """``id``s of the leaf tensors (parameters) that the graph node ``root`` depends on."""
+    return set(_leaves([root]))
 
 
 def is_cut(loss: Tensor, feature: Tensor) -> bool:
     """Whether every path from the parameters upstream of ``feature`` to ``loss`` passes through
     ``feature`` (so the loss depends on those parameters only through ``feature``)."""
-    blocked = feature.grad_fn
-    upstream = upstream_params(blocked)
-    seen: set[Graph] = {blocked}
-    stack = [] if loss.grad_fn is None else [loss.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        variable = getattr(node, "variable", None)
-        if isinstance(variable, Tensor) and id(variable) in upstream:
-            return False
-        stack.extend(_parents(node))
-    return True
+    upstream = upstream_params(feature.grad_fn)
+    return not any(i in upstream for i in _leaves([loss.grad_fn], blocked=feature.grad_fn))
 
 
 def candidates(model: nn.Module) -> list[str]:
