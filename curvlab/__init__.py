@@ -3,7 +3,7 @@
 See ``../shared/DESIGN.md`` for the public API and ``../shared/MATH.md`` for the definitions.
 """
 
-from curvlab import callbacks, func, layers, linalg, testing
+from curvlab import callbacks, func, layers, linalg, models, testing
 from curvlab.callbacks import (
     FeatureChange,
     FeatureSpeed,
@@ -37,6 +37,7 @@ from curvlab.linalg import (
     power_iteration,
     spectral_density,
 )
+from curvlab.models import NTP, SP, DepthMuP, MuP, interpolated
 from curvlab.ntk import NTKOperator, empirical_ntk, ntk_eigenvalues
 from curvlab.operators import GGNOperator, HessianOperator, OperatorBase
 from curvlab.preconditioning import Preconditioned, adam_scales, lr_scales, preconditioned
@@ -46,7 +47,10 @@ from curvlab.sharpness import sharpness
 __version__ = "0.1.0"
 
 __all__ = [
+    "NTP",
+    "SP",
     "ConvergenceError",
+    "DepthMuP",
     "EigResult",
     "FeatureChange",
     "FeatureChangeResult",
@@ -58,6 +62,7 @@ __all__ = [
     "Loss",
     "Metric",
     "Monitor",
+    "MuP",
     "NTKOperator",
     "NTKSpectrum",
     "OperatorBase",
@@ -77,6 +82,7 @@ __all__ = [
     "func",
     "hutchinson_trace",
     "hutchpp_trace",
+    "interpolated",
     "kernel_alignment",
     "kernel_distance",
     "lanczos",
@@ -85,6 +91,7 @@ __all__ = [
     "load_run",
     "load_runs",
     "lr_scales",
+    "models",
     "ntk_eigenvalues",
     "power_iteration",
     "preconditioned",

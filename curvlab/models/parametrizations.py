@@ -1,0 +1,267 @@
+"""Width (and depth) parametrizations: init, forward multipliers and per-layer learning rates.
+
+MATH.md section 6, with width multiplier ``m = width / base_width`` and base init scale ``sigma``.
+Every layer of a curvlab model is a :class:`ScaledLinear` with a ``role`` (``"input"``,
+``"hidden"`` or ``"output"``); a parametrization maps (role, fan_in, m) to a forward multiplier,
+an init std and learning-rate multipliers for the weight and the bias:
+
+================  ==================  =======================  ==================================
+parametrization   multiplier          init std                 LR multiplier (SGD; Adam)
+================  ==================  =======================  ==================================
+SP                1                   sigma / sqrt(fan_in)     1
+NTP               1 / sqrt(fan_in)    sigma                    1
+MuP (SGD)         output: 1 / m       output: sigma/sqrt(n0)   input, output, biases: m; hidden 1
+MuP (Adam)        output: 1 / m       output: sigma/sqrt(n0)   hidden: 1 / m; others 1
+DepthMuP          as MuP, residual branches scaled by 1/sqrt(depth); Adam LRs times
+                  (depth / base_depth)^(-1/2)  (Yang et al. 2023, arXiv:2310.02244; Bordelon et
+                  al. 2023, arXiv:2309.16620)
+interpolated(s)   1                   output: sigma/sqrt(n0)   input, biases m^s; hidden m^(s-1);
+                                      * m^(-(1+s)/2)           output 1/m  (NTP at s=0, muP at s=1)
+================  ==================  =======================  ==================================
+
+muP follows Yang & Hu 2021 (arXiv:2011.14522, Table 3, abc form); at ``m = 1`` it is SP exactly.
+Biases start at zero.
+
+Example:
+    >>> import curvlab as cl
+    >>> p = cl.MuP(base_width=64)
+    >>> p.lr_scale("output", "weight", width=256, optimizer="sgd")   # eta * m for the readout
+    4.0
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ROLES = ("input", "hidden", "output")
+OPTIMIZERS = ("sgd", "adam")
+
+
+class ScaledLinear(nn.Linear):
+    """``y = multiplier * (x W^T) + b``; ``role`` says how a parametrization treats the layer."""
+
+    def __init__(self, in_features: int, out_features: int, role: str, bias: bool = True) -> None:
+        if role not in ROLES:
+            raise ValueError(f"ScaledLinear: role must be one of {ROLES}, got {role!r}")
+        super().__init__(in_features, out_features, bias)
+        self.role, self.multiplier = role, 1.0
+
+    def forward(self, x: Tensor) -> Tensor:  # x (..., in) -> (..., out)
+        out = F.linear(x, self.weight)
+        if self.multiplier != 1.0:
+            out = out * self.multiplier
+        return out if self.bias is None else out + self.bias
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, role={self.role}, multiplier={self.multiplier:.4g}"
+
+
+@dataclass(frozen=True)
+class Parametrization:
+    """Base class: subclasses define ``multiplier``, ``init_std`` and ``lr_scale``."""
+
+    base_width: int = 1
+    sigma: float = math.sqrt(2.0)  # He scale, right for ReLU
+
+    name = "parametrization"
+
+    def width_ratio(self, width: int) -> float:
+        return width / self.base_width
+
+    def multiplier(self, role: str, fan_in: int, width: int) -> float:
+        return 1.0
+
+    def init_std(self, role: str, fan_in: int, width: int) -> float:
+        return self.sigma / math.sqrt(fan_in)
+
+    def lr_scale(self, role: str, kind: str, width: int, optimizer: str = "sgd",
+                 depth: int | None = None) -> float:
+        return 1.0
+
+    def branch_scale(self, depth: int) -> float:
+        """Scale of residual branches (1 unless the parametrization is depth-aware)."""
+        return 1.0
+
+    # ---------------------------------------------------------------- model and optimizer
+    def layers(self, model: nn.Module) -> list[tuple[str, ScaledLinear]]:
+        found = [(n, m) for n, m in model.named_modules() if isinstance(m, ScaledLinear)]
+        if not found:
+            raise TypeError(f"{type(self).__name__}: the model has no ScaledLinear layers; build "
+                            "it with curvlab.models (MLP, ResNet, ...)")
+        return found
+
+    def apply(self, model: nn.Module, width: int, generator: torch.Generator | None = None
+              ) -> nn.Module:
+        """Set every layer's multiplier and draw its init (weights Gaussian, biases zero)."""
+        with torch.no_grad():
+            for _, layer in self.layers(model):
+                layer.multiplier = self.multiplier(layer.role, layer.in_features, width)
+                std = self.init_std(layer.role, layer.in_features, width)
+                layer.weight.normal_(0.0, std, generator=generator)
+                if layer.bias is not None:
+                    layer.bias.zero_()
+        return model
+
+    def param_groups(self, model: nn.Module, lr: float, optimizer: str, width: int,
+                     depth: int | None = None) -> list[dict[str, Any]]:
+        groups = []
+        covered: set[int] = set()
+        for name, layer in self.layers(model):
+            for kind, p in (("weight", layer.weight), ("bias", layer.bias)):
+                if p is None:
+                    continue
+                scale = self.lr_scale(layer.role, kind, width, optimizer, depth)
+                groups.append({"params": [p], "lr": lr * scale, "name": f"{name}.{kind}"})
+                covered.add(id(p))
+        rest = [p for p in model.parameters() if id(p) not in covered and p.requires_grad]
+        if rest:  # norms and other parameters: unscaled
+            groups.append({"params": rest, "lr": lr, "name": "other"})
+        return groups
+
+    def optimizer(self, model: nn.Module, name: str, lr: float, **kwargs: Any
+                  ) -> torch.optim.Optimizer:
+        """``torch.optim.SGD`` or ``Adam`` with this parametrization's per-layer learning rates
+        (``lr`` is the base LR; ``optimizer.defaults["lr"]`` keeps it)."""
+        if name not in OPTIMIZERS:
+            raise ValueError(f"{type(self).__name__}.optimizer: name must be one of "
+                             f"{OPTIMIZERS}, got {name!r}")
+        width, depth = _model_width(model), getattr(model, "depth", None)
+        groups = self.param_groups(model, lr, name, width, depth)
+        cls = torch.optim.SGD if name == "sgd" else torch.optim.Adam
+        return cls(groups, lr=lr, **kwargs)
+
+    def check(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+              *, rtol: float = 1e-6) -> list[str]:
+        """Warn (``UserWarning``, naming the layers) where the model's multipliers or the
+        optimizer's per-layer LRs differ from this parametrization; return the messages."""
+        width, depth = _model_width(model), getattr(model, "depth", None)
+        problems = []
+        for name, layer in self.layers(model):
+            want = self.multiplier(layer.role, layer.in_features, width)
+            if not math.isclose(layer.multiplier, want, rel_tol=rtol):
+                problems.append(f"{name}: forward multiplier {layer.multiplier:.4g}, expected "
+                                f"{want:.4g} ({layer.role} layer)")
+        if optimizer is not None:
+            kind = "adam" if "betas" in optimizer.defaults else "sgd"
+            base = float(optimizer.defaults["lr"])
+            lrs = {id(p): float(g["lr"]) for g in optimizer.param_groups for p in g["params"]}
+            for name, layer in self.layers(model):
+                for k, p in (("weight", layer.weight), ("bias", layer.bias)):
+                    if p is None or id(p) not in lrs:
+                        continue
+                    want = base * self.lr_scale(layer.role, k, width, kind, depth)
+                    if not math.isclose(lrs[id(p)], want, rel_tol=rtol):
+                        problems.append(f"{name}.{k}: learning rate {lrs[id(p)]:.4g}, expected "
+                                        f"{want:.4g} under {self.name} with {kind}")
+        if problems:
+            warnings.warn(f"{self.name} check: the model or optimizer does not match the "
+                          "parametrization (it may silently train in another one): "
+                          + "; ".join(problems)
+                          + ". Build the optimizer with parametrization.optimizer(model, ...).",
+                          UserWarning, stacklevel=2)
+        return problems
+
+
+def _model_width(model: nn.Module) -> int:
+    width = getattr(model, "width", None)
+    if not isinstance(width, int):
+        raise TypeError("the model has no integer `width` attribute; build it with "
+                        "curvlab.models")
+    return width
+
+
+@dataclass(frozen=True)
+class SP(Parametrization):
+    """Standard parametrization: PyTorch-style init, one LR everywhere."""
+
+    name = "sp"
+
+
+@dataclass(frozen=True)
+class NTP(Parametrization):
+    """Neural tangent parametrization: ``N(0, sigma^2)`` weights, multiplier ``1/sqrt(fan_in)``."""
+
+    name = "ntp"
+
+    def multiplier(self, role: str, fan_in: int, width: int) -> float:
+        return 1.0 / math.sqrt(fan_in)
+
+    def init_std(self, role: str, fan_in: int, width: int) -> float:
+        return self.sigma
+
+
+@dataclass(frozen=True)
+class MuP(Parametrization):
+    """Maximal update parametrization relative to ``base_width`` (SP at ``width == base_width``)."""
+
+    name = "mup"
+
+    def multiplier(self, role: str, fan_in: int, width: int) -> float:
+        return 1.0 / self.width_ratio(width) if role == "output" else 1.0
+
+    def init_std(self, role: str, fan_in: int, width: int) -> float:
+        if role == "output":
+            return self.sigma / math.sqrt(fan_in / self.width_ratio(width))  # sigma / sqrt(n0)
+        return self.sigma / math.sqrt(fan_in)
+
+    def lr_scale(self, role: str, kind: str, width: int, optimizer: str = "sgd",
+                 depth: int | None = None) -> float:
+        m = self.width_ratio(width)
+        if optimizer == "sgd":
+            return 1.0 if (role == "hidden" and kind == "weight") else m
+        return 1.0 / m if (role == "hidden" and kind == "weight") else 1.0
+
+
+@dataclass(frozen=True)
+class DepthMuP(MuP):
+    """muP in width plus Depth-muP: residual branches scaled by ``1/sqrt(depth)``; Adam LRs times
+    ``(depth / base_depth)^(-1/2)``."""
+
+    base_depth: int = 1
+    name = "depth-mup"
+
+    def branch_scale(self, depth: int) -> float:
+        return 1.0 / math.sqrt(depth)
+
+    def lr_scale(self, role: str, kind: str, width: int, optimizer: str = "sgd",
+                 depth: int | None = None) -> float:
+        scale = super().lr_scale(role, kind, width, optimizer)
+        if optimizer == "adam" and depth is not None:
+            scale *= (depth / self.base_depth) ** -0.5
+        return scale
+
+
+@dataclass(frozen=True)
+class Interpolated(Parametrization):
+    """The family between NTP (``s = 0``) and muP (``s = 1``) in multiplier-free form (MATH.md 6,
+    after Yaida 2022, arXiv:2210.04909), relative to ``base_width``."""
+
+    s: float = 1.0
+    name = "interpolated"
+
+    def init_std(self, role: str, fan_in: int, width: int) -> float:
+        if role == "output":
+            m = self.width_ratio(width)
+            return self.sigma / math.sqrt(fan_in / m) * m ** (-(1 + self.s) / 2)
+        return self.sigma / math.sqrt(fan_in)
+
+    def lr_scale(self, role: str, kind: str, width: int, optimizer: str = "sgd",
+                 depth: int | None = None) -> float:
+        m = self.width_ratio(width)
+        if kind == "bias" or role == "input":
+            return m ** self.s
+        return m ** (self.s - 1) if role == "hidden" else 1.0 / m
+
+
+def interpolated(s: float, base_width: int, sigma: float = math.sqrt(2.0)) -> Interpolated:
+    """The interpolated parametrization; ``s`` in ``[0, 1]``."""
+    if not 0.0 <= s <= 1.0:
+        raise ValueError(f"interpolated: s must be in [0, 1], got {s}")
+    return Interpolated(base_width=base_width, sigma=sigma, s=s)

@@ -1,0 +1,146 @@
+"""Parametrizations and reference models: base-width identities, coordinate check, check()."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import curvlab as cl
+from curvlab.models import MLP, ResNet, ScaledLinear
+from curvlab.testing import mse
+
+
+def _weights(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_mup_at_base_width_is_sp(kind):
+    torch.manual_seed(3)
+    sp = MLP(64, 4, cl.SP(), d_in=8)
+    torch.manual_seed(3)
+    mup = MLP(64, 4, cl.MuP(base_width=64), d_in=8)
+    for a, b in zip(_weights(sp), _weights(mup), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert [m.multiplier for m in mup.layers] == [1.0] * 4
+    lrs = [[g["lr"] for g in p.parametrization.optimizer(p, kind, 0.1).param_groups]
+           for p in (sp, mup)]
+    assert lrs[0] == lrs[1] == [0.1] * 8
+
+
+def test_mup_scales_with_width():
+    p = cl.MuP(base_width=64)
+    model = MLP(256, 3, p, d_in=8)
+    assert [m.multiplier for m in model.layers] == [1.0, 1.0, 0.25]
+    torch.testing.assert_close(model.layers[2].weight.std().item(), 2 ** 0.5 / 8, rtol=0.05,
+                               atol=0)  # sigma / sqrt(base width), not / sqrt(width)
+    sgd = {g["name"]: g["lr"] for g in p.optimizer(model, "sgd", 0.1).param_groups}
+    adam = {g["name"]: g["lr"] for g in p.optimizer(model, "adam", 0.1).param_groups}
+    assert sgd == pytest.approx({"layers.0.weight": 0.4, "layers.0.bias": 0.4,
+                                 "layers.1.weight": 0.1, "layers.1.bias": 0.4,
+                                 "layers.2.weight": 0.4, "layers.2.bias": 0.4})
+    assert adam == pytest.approx({"layers.0.weight": 0.1, "layers.0.bias": 0.1,
+                                  "layers.1.weight": 0.025, "layers.1.bias": 0.1,
+                                  "layers.2.weight": 0.1, "layers.2.bias": 0.1})
+    deep = ResNet(128, 16, cl.DepthMuP(base_width=64, base_depth=4))
+    assert deep.blocks[0].scale == pytest.approx(0.25)
+    adam_deep = {g["name"]: g["lr"] for g in deep.parametrization.optimizer(
+        deep, "adam", 0.1).param_groups}
+    assert adam_deep["blocks.0.linear.weight"] == pytest.approx(0.1 / 2 * 0.5)  # 1/m, (L/L0)^-1/2
+
+
+def test_interpolated_at_one_is_mup_in_multiplier_free_form():
+    """abc equivalence: W_out' = W_out / m with LR eta / m trains the same function as muP."""
+    width, x, y = 256, torch.randn(32, 8, dtype=torch.float64), torch.randn(32, 10,
+                                                                             dtype=torch.float64)
+    torch.manual_seed(0)
+    mup = MLP(width, 3, cl.MuP(64), d_in=8).double()
+    free = MLP(width, 3, cl.interpolated(1.0, 64), d_in=8).double()
+    free.load_state_dict(mup.state_dict())
+    with torch.no_grad():
+        free.layers[2].weight.div_(width / 64)
+    opts = [m.parametrization.optimizer(m, "sgd", 0.05) for m in (mup, free)]
+    for _ in range(3):
+        for model, opt in zip((mup, free), opts, strict=True):
+            opt.zero_grad()
+            mse(model(x), y).backward()
+            opt.step()
+    torch.testing.assert_close(free(x), mup(x), rtol=1e-10, atol=1e-12)
+
+
+WIDTHS = (64, 128, 256, 512, 1024, 2048)
+
+
+def _coord_slopes(parametrization, lr, steps=3, seeds=(0, 1)):
+    """Log-log slopes in width of [RMS of hidden features (2), their one-step change (2), the
+    output change], after ``steps`` SGD steps on a teacher task (MATH.md section 6)."""
+    rows = []
+    for width in WIDTHS:
+        per_seed = []
+        for seed in seeds:
+            torch.manual_seed(seed)
+            g = torch.Generator().manual_seed(100 + seed)
+            x = torch.randn(64, 16, generator=g)
+            y = 5 * torch.tanh(x @ torch.randn(16, 10, generator=g) / 4)
+            model = MLP(width, 3, parametrization, d_in=16, d_out=10)
+            opt = parametrization.optimizer(model, "sgd", lr)
+            for _ in range(steps):
+                opt.zero_grad()
+                mse(model(x), y).backward()
+                opt.step()
+            r = cl.feature_change(model, mse, (x, y), opt,
+                                  layers=["layers.0", "layers.1", "layers.2"])
+            per_seed.append(np.r_[r.feature_rms[:2], r.change_rms])
+        rows.append(np.mean(per_seed, axis=0))
+    return np.polyfit(np.log(WIDTHS), np.log(np.array(rows)), 1)[0]  # (5,)
+
+
+def test_coordinate_check():
+    mup = _coord_slopes(cl.MuP(64, sigma=1.0), 5e-3)
+    ntp = _coord_slopes(cl.NTP(sigma=1.0), 5e-3)
+    sp = _coord_slopes(cl.SP(sigma=1.0), 5e-3)
+    np.testing.assert_allclose(mup[:4], 0.0, atol=0.1)  # hidden features and changes flat
+    np.testing.assert_allclose(ntp[2:4], -0.5, atol=0.15)  # hidden changes ~ width^-1/2
+    assert sp[4] > 0.3, sp  # SP at a fixed LR: the output change grows with width
+
+
+def test_check_warns_naming_the_layers():
+    p = cl.MuP(base_width=64)
+    model = MLP(256, 3, p, d_in=8)
+    assert p.check(model, p.optimizer(model, "sgd", 0.1)) == []
+    plain = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.warns(UserWarning, match=r"mup check: .*layers\.0\.weight: learning rate 0\.1, "
+                                         r"expected 0\.4"):
+        problems = p.check(model, plain)
+    assert len(problems) == 5  # every group but the hidden weight
+    model.layers[2].multiplier = 1.0
+    with pytest.warns(UserWarning, match=r"layers\.2: forward multiplier 1, expected 0\.25"):
+        p.check(model)
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="MLP: width must be a positive int, got 0"):
+        MLP(0)
+    with pytest.raises(ValueError, match=r"MLP: width must be a positive int, got 64\.0"):
+        MLP(64.0)
+    with pytest.raises(ValueError, match="MLP: depth must be an int >= 2"):
+        MLP(64, 1)
+    with pytest.raises(ValueError, match="base width 128 is larger than the width 64"):
+        ResNet(64, 2, cl.MuP(base_width=128))
+    with pytest.raises(TypeError, match=r"parametrization must be cl\.SP\(\)"):
+        MLP(64, 3, "mup")
+    with pytest.raises(ValueError, match="name must be one of"):
+        cl.SP().optimizer(MLP(8), "lbfgs", 0.1)
+    with pytest.raises(ValueError, match=r"interpolated: s must be in \[0, 1\]"):
+        cl.interpolated(1.5, 64)
+    with pytest.raises(ValueError, match="role must be one of"):
+        ScaledLinear(2, 2, "middle")
+    with pytest.raises(TypeError, match="the model has no ScaledLinear layers"):
+        cl.SP().apply(torch.nn.Linear(2, 2), 2)
+    model = copy.deepcopy(MLP(8))
+    del model.width
+    with pytest.raises(TypeError, match="no integer `width` attribute"):
+        cl.SP().optimizer(model, "sgd", 0.1)
