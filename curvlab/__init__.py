@@ -37,7 +37,7 @@ from curvlab.linalg import (
     power_iteration,
     spectral_density,
 )
-from curvlab.models import NTP, SP, DepthMuP, MuP, interpolated
+from curvlab.models import NTP, SP, DepthMuP, MuP, effective_depth, interpolated, transfer_lr
 from curvlab.ntk import NTKOperator, empirical_ntk, ntk_eigenvalues
 from curvlab.operators import GGNOperator, HessianOperator, OperatorBase
 from curvlab.preconditioning import Preconditioned, adam_scales, lr_scales, preconditioned
@@ -75,6 +75,7 @@ __all__ = [
     "__version__",
     "adam_scales",
     "callbacks",
+    "effective_depth",
     "effective_rank",
     "empirical_ntk",
     "feature_change",
@@ -99,4 +100,5 @@ __all__ = [
     "sharpness",
     "spectral_density",
     "testing",
+    "transfer_lr",
 ]

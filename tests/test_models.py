@@ -144,3 +144,24 @@ def test_errors():
     del model.width
     with pytest.raises(TypeError, match="no integer `width` attribute"):
         cl.SP().optimizer(model, "sgd", 0.1)
+
+
+def test_effective_depth_follows_the_documented_convention():
+    from curvlab.testing import SmallCNN, TinyTransformer
+
+    for depth in (2, 3, 6):
+        assert cl.effective_depth(MLP(16, depth), torch.randn(2, 16)) == depth
+    for blocks in (1, 4, 9):  # identity shortcuts: one per block, plus stem and head
+        assert cl.effective_depth(ResNet(16, blocks), torch.randn(2, 16)) == blocks + 2
+    for blocks in (1, 3):  # two residual additions per block, plus embedding and head
+        assert cl.effective_depth(TinyTransformer(depth=blocks), torch.randn(2, 5, 4)) == \
+            2 * blocks + 2
+    assert cl.effective_depth(SmallCNN(), torch.randn(2, 1, 8, 8)) == 3  # two convs and a head
+    model = MLP(16, 3).train()
+    cl.effective_depth(model, torch.randn(2, 16))
+    assert model.training
+    assert cl.transfer_lr(0.1, 4, 16) == pytest.approx(0.0125)
+    with pytest.raises(ValueError, match="transfer_lr: to_depth must be positive"):
+        cl.transfer_lr(0.1, 4, 0)
+    with pytest.raises(TypeError, match="example_input must be a tensor"):
+        cl.effective_depth(model, [1, 2])

@@ -1,5 +1,6 @@
 """Parametrizations (SP, NTP, muP, Depth-muP, interpolated) and reference models."""
 
+from curvlab.models.depth import effective_depth, transfer_lr
 from curvlab.models.nets import MLP, ResidualBlock, ResNet
 from curvlab.models.parametrizations import (
     NTP,
@@ -13,4 +14,4 @@ from curvlab.models.parametrizations import (
 )
 
 __all__ = ["MLP", "NTP", "SP", "DepthMuP", "Interpolated", "MuP", "Parametrization", "ResNet",
-           "ResidualBlock", "ScaledLinear", "interpolated"]
+           "ResidualBlock", "ScaledLinear", "effective_depth", "interpolated", "transfer_lr"]
