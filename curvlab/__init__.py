@@ -4,6 +4,7 @@ See ``../shared/DESIGN.md`` for the public API and ``../shared/MATH.md`` for the
 """
 
 from curvlab import callbacks, func, layers, linalg, models, testing
+from curvlab.analysis import SuperConsistency, super_consistency
 from curvlab.callbacks import (
     FeatureChange,
     FeatureSpeed,
@@ -71,6 +72,7 @@ __all__ = [
     "RunLogger",
     "Sharpness",
     "SpectralDensity",
+    "SuperConsistency",
     "TraceResult",
     "__version__",
     "adam_scales",
@@ -99,6 +101,7 @@ __all__ = [
     "relative_change",
     "sharpness",
     "spectral_density",
+    "super_consistency",
     "testing",
     "transfer_lr",
 ]
