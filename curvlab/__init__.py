@@ -4,7 +4,7 @@ See ``../shared/DESIGN.md`` for the public API and ``../shared/MATH.md`` for the
 """
 
 from curvlab import callbacks, func, layers, linalg, models, testing
-from curvlab.analysis import SuperConsistency, super_consistency
+from curvlab.analysis import SuperConsistency, super_consistency, sweep_report
 from curvlab.callbacks import (
     FeatureChange,
     FeatureSpeed,
@@ -41,6 +41,7 @@ from curvlab.linalg import (
 from curvlab.models import NTP, SP, DepthMuP, MuP, effective_depth, interpolated, transfer_lr
 from curvlab.ntk import NTKOperator, empirical_ntk, ntk_eigenvalues
 from curvlab.operators import GGNOperator, HessianOperator, OperatorBase
+from curvlab.plotting import plot_lr_sweep, plot_overlay
 from curvlab.preconditioning import Preconditioned, adam_scales, lr_scales, preconditioned
 from curvlab.runs import Metric, Run, load_run, load_runs
 from curvlab.sharpness import sharpness
@@ -96,12 +97,15 @@ __all__ = [
     "lr_scales",
     "models",
     "ntk_eigenvalues",
+    "plot_lr_sweep",
+    "plot_overlay",
     "power_iteration",
     "preconditioned",
     "relative_change",
     "sharpness",
     "spectral_density",
     "super_consistency",
+    "sweep_report",
     "testing",
     "transfer_lr",
 ]

@@ -145,3 +145,37 @@ def super_consistency(runs: Sequence[Run], metric: str = "sharpness_lr", by: str
             float(_fit_beta(narrow, mean_gap[:-1])), float(_fit_beta(narrow, mean_sgap[:-1])),
             _fit_beta(narrow, sgaps[:-1]))
     return SuperConsistency(metric, by, group, window, dict(sorted(results.items())))
+
+
+def sweep_report(runs: Sequence[Run], window: int = 5) -> str:
+    """The sweep report: super consistency of the LR-preconditioned sharpness (pointwise and
+    smoothed gaps, per parametrization), how close each run's sharpness comes to its EoS line,
+    and the same gaps for the loss."""
+    sharp = next((m for m in ("sharpness_lr", "sharpness_adam", "sharpness")
+                  if all(m in r.metrics for r in runs)), None)
+    if sharp is None:
+        raise ValueError("sweep_report: the runs share no sharpness metric")
+    sc = super_consistency(runs, metric=sharp, window=window)
+    lines = ["# Sweep report", "", sc.table(), "| parametrization | mean gap over widths | "
+             "mean smoothed gap |", "|---|---:|---:|"]
+    for name in sc.groups:
+        lines.append(f"| {name} | {sc.mean_gap(name, smoothed=False):.3f} | "
+                     f"{sc.mean_gap(name):.3f} |")
+    if "mup" in sc.groups and "ntp" in sc.groups:
+        a, b = sc.mean_gap("mup"), sc.mean_gap("ntp")
+        lines += ["", f"Smoothed gap ratio NTP / muP: {b / a:.1f}x "
+                  f"({'muP is super consistent, NTP is not' if b >= 3 * a else 'no clear split'})."]
+    lines += ["", "Sharpness against the edge of stability (final smoothed value / threshold):",
+              "", "| parametrization | width | lr | threshold 2/eta | final / threshold |",
+              "|---|---:|---:|---:|---:|"]
+    for run in sorted(runs, key=lambda r: (str(r.config.get("parametrization")),
+                                           r.config.get("width", 0))):
+        m = run.metrics[sharp]
+        if m.threshold and m.value.size:
+            final = float(np.mean(m.value[-window:]))
+            lines.append(f"| {run.config.get('parametrization')} | {run.config.get('width')} | "
+                         f"{run.config.get('lr', float('nan')):.4g} | {m.threshold:.4g} | "
+                         f"{final / m.threshold:.2f} |")
+    if all("loss" in r.metrics for r in runs):
+        lines += ["", super_consistency(runs, metric="loss", window=window).table()]
+    return "\n".join(lines) + "\n"

@@ -1,17 +1,25 @@
-"""Command-line front end (argparse only): ``curvlab demo`` and ``curvlab inspect RUN``.
+"""Command-line front end (argparse only).
+
+- ``curvlab sweep [flags] [--config FILE]``: the main job (see ``curvlab.sweep``): one HDF5 run per
+  configuration in ``OUT/runs``, the overlay figure ``OUT/overlay.png`` and ``OUT/report.md``.
+- ``curvlab plot RUNS... -o FIG [--metric M]``, ``curvlab report RUNS...``,
+  ``curvlab inspect RUN``, ``curvlab demo``.
 
 Example:
-    $ curvlab demo --steps 200
-    $ curvlab inspect runs/width64.h5
+    $ curvlab sweep --out runs/sweep
+    $ curvlab report runs/sweep/runs/*.h5
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -79,6 +87,98 @@ def inspect(path: str) -> str:
     return "\n".join(lines)
 
 
+def _numbers(kind: type, text: str) -> tuple:
+    return tuple(kind(v) for v in text.replace(",", " ").split())
+
+
+def sweep_config(args: argparse.Namespace) -> Any:
+    """A :class:`~curvlab.sweep.SweepConfig` from a JSON/TOML file and the flags (flags win)."""
+    from curvlab.sweep import SweepConfig
+
+    values: dict[str, Any] = {}
+    if args.config:
+        path = Path(args.config)
+        if path.suffix == ".toml":
+            import tomllib
+
+            values = tomllib.loads(path.read_text())
+        else:
+            values = json.loads(path.read_text())
+    flags = {"model": args.model, "widths": args.widths, "depths": args.depths,
+             "parametrizations": args.parametrizations, "optimizer": args.optimizer,
+             "lrs": args.lr, "steps": args.steps, "batch_size": args.batch_size,
+             "dataset": args.dataset, "n": args.n, "probe_size": args.probe_size,
+             "every": args.every, "seeds": args.seeds, "device": args.device,
+             "base_width": args.base_width}
+    values.update({k: v for k, v in flags.items() if v is not None})
+    for key in ("widths", "depths", "seeds"):
+        if isinstance(values.get(key), str):
+            values[key] = _numbers(int, values[key])
+        elif isinstance(values.get(key), list):
+            values[key] = tuple(values[key])
+    if isinstance(values.get("parametrizations"), str):
+        values["parametrizations"] = tuple(values["parametrizations"].replace(",", " ").split())
+    lrs = values.get("lrs")
+    if isinstance(lrs, str) and lrs != "auto":
+        values["lrs"] = _numbers(float, lrs)
+    elif isinstance(lrs, list | float | int):
+        values["lrs"] = tuple(lrs) if isinstance(lrs, list) else (float(lrs),)
+    unknown = set(values) - {f.name for f in dataclasses.fields(SweepConfig)}
+    if unknown:
+        raise ValueError(f"sweep: unknown config keys {sorted(unknown)}")
+    return SweepConfig(**values)
+
+
+def sweep(args: argparse.Namespace) -> str:
+    """Run the sweep, then write the overlay figure(s) and the report; return the report."""
+    from curvlab.analysis import sweep_report
+    from curvlab.plotting import plot_lr_sweep, plot_overlay
+    from curvlab.runs import load_runs
+    from curvlab.sweep import run_sweep
+
+    cfg = sweep_config(args)
+    out = Path(args.out)
+    paths = run_sweep(cfg, out, resume=args.resume, overwrite=args.overwrite,
+                      progress=not args.quiet)
+    runs = load_runs(paths)
+    sharp = "sharpness_lr" if cfg.optimizer == "sgd" else "sharpness_adam"
+    title = (f"{cfg.model} depth {cfg.depths[0]}, {cfg.dataset}, full-batch GD"
+             if cfg.batch_size is None else f"{cfg.model}, {cfg.dataset}")
+    figures = []
+    if cfg.lrs == "auto" or len(cfg.lrs) == 1:
+        fig = plot_overlay(runs, metric=sharp, title=title)
+        fig.savefig(out / "overlay.png", dpi=130)
+        figures.append("overlay.png")
+        fig = plot_overlay(runs, metric="loss", eos=False, log_y=True, title=title)
+        fig.savefig(out / "loss.png", dpi=130)
+        figures.append("loss.png")
+        report = sweep_report(runs)
+    else:
+        fig = plot_lr_sweep(runs)
+        fig.savefig(out / "lr_sweep.png", dpi=130)
+        figures.append("lr_sweep.png")
+        report = lr_report(runs)
+    report += "\nFigures: " + ", ".join(figures) + "\n"
+    (out / "report.md").write_text(report)
+    return report
+
+
+def lr_report(runs: Sequence[Any], last: int = 10) -> str:
+    """Best LR per (parametrization, width) by the final loss (mean of the last ``last``)."""
+    best: dict[tuple[str, int], tuple[float, float]] = {}
+    for r in runs:
+        loss = r.metrics["loss"].value
+        final = float(np.mean(loss[-last:])) if loss.size and "diverged" not in r.metrics \
+            else float("inf")
+        key = (str(r.config["parametrization"]), int(r.config["width"]))
+        if key not in best or final < best[key][1]:
+            best[key] = (float(r.config["lr"]), final)
+    lines = ["# LR sweep report", "", "| parametrization | width | best lr | final loss |",
+             "|---|---:|---:|---:|"]
+    lines += [f"| {p} | {w} | {lr:.4g} | {v:.4g} |" for (p, w), (lr, v) in sorted(best.items())]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="curvlab", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -87,11 +187,59 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_demo.add_argument("--lr", type=float, default=0.5)
     p_demo.add_argument("--width", type=int, default=64)
     p_demo.add_argument("--seed", type=int, default=0)
+    p_sweep = sub.add_parser("sweep", help="train across widths, log, plot and report")
+    p_sweep.add_argument("--config", help="JSON or TOML file with SweepConfig fields")
+    p_sweep.add_argument("--model", help="mlp (default) or resnet")
+    p_sweep.add_argument("--widths", help="e.g. '64,128,256,512' (default)")
+    p_sweep.add_argument("--depths", help="e.g. '3' (default)")
+    p_sweep.add_argument("--parametrizations", help="e.g. 'mup,ntp' (default); also sp")
+    p_sweep.add_argument("--optimizer", help="sgd (default) or adam")
+    p_sweep.add_argument("--lr", help="'auto' (default) or one or several LRs (an LR sweep)")
+    p_sweep.add_argument("--steps", type=int, help="training steps (default 200)")
+    p_sweep.add_argument("--batch-size", type=int, help="default: full batch")
+    p_sweep.add_argument("--dataset", help="teacher (default), mixture, digits or a .npz path")
+    p_sweep.add_argument("--n", type=int, help="training examples (default 512)")
+    p_sweep.add_argument("--probe-size", type=int, help="examples measured on (default 256)")
+    p_sweep.add_argument("--every", type=int, help="sharpness every N steps (default 10)")
+    p_sweep.add_argument("--seeds", help="e.g. '0' (default) or '0,1,2'")
+    p_sweep.add_argument("--base-width", type=int, help="muP base width (default: smallest)")
+    p_sweep.add_argument("--device", help="default: cuda when available, else cpu")
+    p_sweep.add_argument("--out", default="runs/sweep", help="output folder")
+    p_sweep.add_argument("--resume", action="store_true", help="skip finished runs")
+    p_sweep.add_argument("--overwrite", action="store_true", help="redo runs in --out")
+    p_sweep.add_argument("--quiet", action="store_true", help="no progress bar")
+    p_plot = sub.add_parser("plot", help="overlay a metric of several runs")
+    p_plot.add_argument("runs", nargs="+", help="run files (or quoted globs)")
+    p_plot.add_argument("-o", "--output", required=True, help="figure path (.png, .pdf)")
+    p_plot.add_argument("--metric", default="sharpness_lr")
+    p_plot.add_argument("--log-steps", action="store_true")
+    p_report = sub.add_parser("report", help="print the super-consistency report of runs")
+    p_report.add_argument("runs", nargs="+", help="run files (or quoted globs)")
     p_inspect = sub.add_parser("inspect", help="print a run file's config and metrics summary")
     p_inspect.add_argument("run", help="path of an HDF5 run file")
     args = parser.parse_args(argv)
     if args.command == "demo":
         demo(args.steps, args.lr, args.width, args.seed)
+    elif args.command in ("sweep", "plot", "report"):
+        try:
+            if args.command == "sweep":
+                if args.device is None:
+                    args.device = "cuda" if torch.cuda.is_available() else "cpu"
+                print(sweep(args))
+            else:
+                from curvlab.analysis import sweep_report
+                from curvlab.plotting import plot_overlay
+                from curvlab.runs import load_runs
+
+                runs = [r for pattern in args.runs for r in load_runs(pattern)]
+                if args.command == "report":
+                    print(sweep_report(runs))
+                else:
+                    plot_overlay(runs, metric=args.metric, log_steps=args.log_steps).savefig(
+                        args.output, dpi=130)
+        except (FileExistsError, FileNotFoundError, ValueError) as err:
+            print(f"curvlab {args.command}: {err}", file=sys.stderr)
+            return 2
     elif args.command == "inspect":
         try:
             print(inspect(args.run))

@@ -1,0 +1,123 @@
+"""Overlay figures of logged metrics across widths (matplotlib, Agg backend).
+
+``plot_overlay(runs, metric="sharpness_lr", hue="width", col="parametrization")`` draws one
+panel per ``col`` value and one line per ``hue`` value (a sequential colormap: darker = wider),
+the edge-of-stability line ``2 / eta`` from the metric's ``threshold`` attribute, labelled axes and
+a legend. Vector metrics (top-k eigenvalues, per-layer quantities) plot column ``index``.
+
+Example:
+    >>> import numpy as np, curvlab as cl
+    >>> from curvlab.runs import Metric, Run
+    >>> runs = [Run(None, {"width": w, "parametrization": "mup"},
+    ...             {"loss": Metric("loss", np.arange(3), np.ones(3) / w)}, {}, {})
+    ...         for w in (64, 128)]
+    >>> fig = cl.plot_overlay(runs, metric="loss", eos=False)
+    >>> len(fig.axes[0].lines)
+    2
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.figure import Figure
+
+from curvlab.runs import Run
+
+LABELS = {"sharpness_lr": "LR-preconditioned sharpness", "sharpness": "sharpness",
+          "sharpness_adam": "Adam-preconditioned sharpness", "loss": "training loss",
+          "ntk_top": "top NTK eigenvalue", "feature_cos_theta": "cos theta (feature speed)"}
+
+
+def plot_overlay(runs: Sequence[Run], metric: str = "sharpness_lr", *, hue: str = "width",
+                 col: str = "parametrization", eos: bool = True, log_steps: bool = False,
+                 log_y: bool = False, index: int = -1, title: str | None = None) -> Figure:
+    """One panel per ``col`` value, one line per run coloured by ``hue`` (see module docstring)."""
+    call = "plot_overlay"
+    if not runs:
+        raise ValueError(f"{call}: no runs given")
+    panels: dict[Any, list[Run]] = defaultdict(list)
+    for run in runs:
+        if metric not in run.metrics:
+            raise ValueError(f"{call}: run {run.path} has no metric {metric!r}; it has "
+                             f"{sorted(run.metrics)}")
+        panels[run.config.get(col, "")].append(run)
+    hues = sorted({run.config.get(hue) for run in runs}, key=lambda v: (v is None, v))
+    cmap = plt.get_cmap("viridis")
+    colors = {h: cmap(0.15 + 0.7 * i / max(len(hues) - 1, 1)) for i, h in enumerate(hues)}
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.0), squeeze=False,
+                             constrained_layout=True)
+    for ax, (name, members) in zip(axes[0], sorted(panels.items(), key=lambda kv: str(kv[0])),
+                                   strict=True):
+        thresholds = set()
+        for run in sorted(members, key=lambda r: (r.config.get(hue) is None, r.config.get(hue))):
+            m = run.metrics[metric]
+            values = m.value if m.value.ndim == 1 else m.value[:, index]
+            steps = np.maximum(m.step, 1) if log_steps else m.step
+            ax.plot(steps, values, color=colors[run.config.get(hue)], lw=1.6,
+                    label=f"{hue} {run.config.get(hue)}")
+            if m.threshold is not None:
+                thresholds.add(round(m.threshold, 12))
+        if eos:
+            for i, t in enumerate(sorted(thresholds)):
+                ax.axhline(t, color="crimson", ls="--", lw=1.2,
+                           label="EoS 2/eta" if i == 0 else None)
+        lr = {r.config.get("lr") for r in members}
+        lr_text = f", lr {lr.pop():.3g}" if len(lr) == 1 and None not in lr else ""
+        ax.set_title(f"{col} {name}{lr_text}" if name != "" else metric)
+        ax.set_xlabel("step")
+        ax.set_ylabel(LABELS.get(metric, metric))
+        if log_steps:
+            ax.set_xscale("log")
+        if log_y:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, frameon=False)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def plot_lr_sweep(runs: Sequence[Run], *, hue: str = "width", col: str = "parametrization",
+                  metric: str = "loss", last: int = 10) -> Figure:
+    """Final ``metric`` (mean of the last ``last`` logged values; diverged runs at the top) against
+    the learning rate, one line per ``hue`` value, the optimum of each line marked."""
+    if not runs:
+        raise ValueError("plot_lr_sweep: no runs given")
+    panels: dict[Any, dict[Any, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
+    for run in runs:
+        m = run.metrics[metric]
+        final = float(np.mean(m.value[-last:])) if m.value.size else np.nan
+        if "diverged" in run.metrics or not np.isfinite(final):
+            final = np.inf
+        panels[run.config.get(col, "")][run.config.get(hue)].append((run.config["lr"], final))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.0), squeeze=False,
+                             constrained_layout=True)
+    cmap = plt.get_cmap("viridis")
+    for ax, (name, lines) in zip(axes[0], sorted(panels.items(), key=lambda kv: str(kv[0])),
+                                 strict=True):
+        finite = [v for pts in lines.values() for _, v in pts if np.isfinite(v)]
+        cap = max(finite) * 1.5 if finite else 1.0
+        for i, (h, pts) in enumerate(sorted(lines.items())):
+            pts.sort()
+            lr = np.array([p[0] for p in pts])
+            val = np.minimum(np.array([p[1] for p in pts]), cap)
+            c = cmap(0.15 + 0.7 * i / max(len(lines) - 1, 1))
+            ax.plot(lr, val, "o-", color=c, label=f"{hue} {h}")
+            best = int(np.argmin(val))
+            ax.plot(lr[best], val[best], "*", color=c, ms=14, mec="k")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel(f"final {LABELS.get(metric, metric)}")
+        ax.set_title(f"{col} {name} (star: best LR)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, frameon=False)
+    return fig

@@ -1,0 +1,245 @@
+"""Width (and depth, LR) sweeps: train one run per configuration and log it with a Monitor.
+
+The default job (``curvlab sweep`` with no flags) trains a 3-layer ReLU MLP at widths 64-512
+under muP and NTP with full-batch GD on a 512-point teacher-student task (MSE), logging the loss
+every step and the LR-preconditioned sharpness (with its EoS line ``2 / eta``) every 10 steps.
+
+``lr="auto"`` (the default): for each parametrization, ``eta = lr_fraction * 2 / lambda_0``, with
+``lambda_0`` the LR-preconditioned sharpness at initialization at the base width (the smallest
+width) and ``lr_fraction = 0.5``, used unchanged at every width. Starting at half the stability
+threshold leaves room for progressive sharpening, so the runs show it rise toward ``2 / eta``
+(Cohen et al. 2021, arXiv:2103.00065) instead of sitting at the edge from step one, where every
+width looks alike for the wrong reason.
+
+Datasets (all generated or shipped, nothing downloaded): ``"teacher"`` (Gaussian inputs, a random
+tanh teacher network's outputs), ``"mixture"`` (a Gaussian mixture, one-hot targets), ``"digits"``
+(scikit-learn's bundled 8x8 digits, if scikit-learn is installed) or a path to an ``.npz`` file
+with arrays ``x (n, d)`` and ``y (n, k)`` (or integer labels ``(n,)``). The loss is MSE
+(``0.5 ||f - y||^2`` averaged over examples; labels are one-hot encoded).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from curvlab.callbacks import Loss, Monitor, Sharpness
+from curvlab.hdf5 import RunLogger
+from curvlab.models import MLP, NTP, SP, MuP, Parametrization, ResNet
+from curvlab.preconditioning import lr_scales
+from curvlab.runs import load_run
+from curvlab.sharpness import sharpness
+from curvlab.testing import mse
+
+MODELS = ("mlp", "resnet")
+DATASETS = ("teacher", "mixture", "digits")
+PARAMETRIZATIONS = ("mup", "ntp", "sp")
+LR_FRACTION = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepConfig:
+    """Everything a sweep needs; every run file stores its own slice of it as its config."""
+
+    model: str = "mlp"
+    widths: tuple[int, ...] = (64, 128, 256, 512)
+    depths: tuple[int, ...] = (3,)
+    parametrizations: tuple[str, ...] = ("mup", "ntp")
+    optimizer: str = "sgd"
+    lrs: tuple[float, ...] | str = "auto"
+    steps: int = 200
+    batch_size: int | None = None  # None: full batch
+    dataset: str = "teacher"
+    n: int = 512
+    probe_size: int = 256
+    every: int = 10
+    seeds: tuple[int, ...] = (0,)
+    device: str = "cpu"
+    base_width: int | None = None  # None: the smallest width
+
+    def validate(self) -> None:
+        call = "sweep"
+        if self.model not in MODELS:
+            raise ValueError(f"{call}: unknown model {self.model!r}; choose from {MODELS}")
+        unknown = [p for p in self.parametrizations if p not in PARAMETRIZATIONS]
+        if unknown or not self.parametrizations:
+            raise ValueError(f"{call}: unknown parametrizations {unknown}; choose from "
+                             f"{PARAMETRIZATIONS}")
+        bad = [w for w in self.widths if isinstance(w, bool) or not isinstance(w, int) or w < 1]
+        if bad or not self.widths:
+            raise ValueError(f"{call}: widths must be positive integers, got {list(self.widths)}")
+        if self.base_width is not None and self.base_width > min(self.widths):
+            raise ValueError(f"{call}: base width {self.base_width} is larger than the smallest "
+                             f"width {min(self.widths)}")
+        if self.dataset not in DATASETS and not str(self.dataset).endswith(".npz"):
+            raise ValueError(f"{call}: unknown dataset {self.dataset!r}; choose from {DATASETS} "
+                             "or give a path to an .npz file")
+        if self.optimizer not in ("sgd", "adam"):
+            raise ValueError(f"{call}: optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
+        if self.lrs != "auto" and (isinstance(self.lrs, str) or
+                                   not all(lr > 0 for lr in self.lrs)):
+            raise ValueError(f"{call}: lrs must be 'auto' or positive numbers, got {self.lrs!r}")
+
+    @property
+    def base(self) -> int:
+        return self.base_width or min(self.widths)
+
+
+def make_dataset(name: str, n: int, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """``(x (n, d), y (n, k))`` float32 (see the module docstring)."""
+    g = torch.Generator().manual_seed(seed)
+    if name == "teacher":
+        x = torch.randn(n, 16, generator=g)  # (n, 16)
+        w1 = torch.randn(16, 32, generator=g) / 4  # (16, 32)
+        w2 = torch.randn(32, 4, generator=g) / math.sqrt(32)  # (32, 4)
+        return x, torch.tanh(x @ w1) @ w2 * 2  # (n, 4)
+    if name == "mixture":
+        centers = torch.randn(4, 16, generator=g) * 1.5  # (4 classes, 16)
+        labels = torch.randint(0, 4, (n,), generator=g)
+        x = centers[labels] + torch.randn(n, 16, generator=g)  # (n, 16)
+        return x, torch.nn.functional.one_hot(labels, 4).float()
+    if name == "digits":
+        try:
+            from sklearn.datasets import load_digits
+        except ImportError:
+            raise ValueError("sweep: dataset 'digits' needs scikit-learn (pip install "
+                             "scikit-learn); or use 'teacher', 'mixture' or an .npz") from None
+        data = load_digits()
+        idx = torch.randperm(len(data.target), generator=g)[:n]
+        x = torch.tensor(data.data, dtype=torch.float32)[idx] / 16.0  # (n, 64)
+        y = torch.nn.functional.one_hot(torch.tensor(data.target)[idx], 10).float()
+        return x, y
+    path = Path(name)
+    if not path.exists():
+        raise ValueError(f"sweep: dataset file {path} does not exist")
+    with np.load(path, allow_pickle=False) as f:
+        if "x" not in f or "y" not in f:
+            raise ValueError(f"sweep: {path} must hold arrays 'x' and 'y'")
+        x, y = torch.tensor(f["x"], dtype=torch.float32), torch.tensor(f["y"])
+    if y.ndim == 1:
+        y = torch.nn.functional.one_hot(y.long()).float()
+    return x.reshape(len(x), -1)[:n], y.float()[:n]
+
+
+def parametrization(name: str, base_width: int) -> Parametrization:
+    return {"mup": MuP(base_width), "ntp": NTP(), "sp": SP()}[name]
+
+
+def build_model(cfg: SweepConfig, par: str, width: int, depth: int, d_in: int, d_out: int,
+                seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    p = parametrization(par, cfg.base)
+    cls = MLP if cfg.model == "mlp" else ResNet
+    return cls(width, depth, p, d_in=d_in, d_out=d_out).to(cfg.device)
+
+
+def auto_lr(cfg: SweepConfig, par: str, depth: int, x: Tensor, y: Tensor) -> float:
+    """``LR_FRACTION * 2 / lambda_0`` at the base width (see the module docstring)."""
+    model = build_model(cfg, par, cfg.base, depth, x.shape[1], y.shape[1], cfg.seeds[0])
+    opt = parametrization(par, cfg.base).optimizer(model, cfg.optimizer, 1.0)
+    d = lr_scales(opt, dict(model.named_parameters()), base_lr=1.0)
+    lam = sharpness(model, mse, (x, y), scales=d, generator=torch.Generator().manual_seed(0))
+    return LR_FRACTION * 2.0 / lam
+
+
+def run_name(par: str, width: int, depth: int, lr: float, seed: int) -> str:
+    return f"{par}_w{width}_d{depth}_lr{lr:.4g}_s{seed}.h5"
+
+
+def train_one(cfg: SweepConfig, par: str, width: int, depth: int, lr: float, seed: int,
+              data: tuple[Tensor, Tensor], path: Path, progress: Any = None) -> None:
+    """One run: full-batch (or mini-batch) training with a Monitor, logged to ``path``."""
+    x, y = data
+    model = build_model(cfg, par, width, depth, x.shape[1], y.shape[1], seed)
+    opt = parametrization(par, cfg.base).optimizer(model, cfg.optimizer, lr)
+    probe = (x[:cfg.probe_size], y[:cfg.probe_size])
+    config = {"model": cfg.model, "width": width, "depth": depth, "parametrization": par,
+              "optimizer": cfg.optimizer, "lr": lr, "seed": seed, "steps": cfg.steps,
+              "dataset": cfg.dataset, "n": len(x), "batch_size": cfg.batch_size,
+              "probe_size": cfg.probe_size, "every": cfg.every, "base_width": cfg.base,
+              "loss": "mse"}
+    g = torch.Generator().manual_seed(seed)
+    kind = "lr" if cfg.optimizer == "sgd" else "adam"
+    with RunLogger(path, config, mode="w", env={"device": cfg.device}) as log:
+        monitor = Monitor(model, mse, probe, log,
+                          [Loss(every=1), Sharpness(every=cfg.every, preconditioned=kind)],
+                          optimizer=opt, seed=seed)
+        monitor.on_train_start()
+        for step in range(1, cfg.steps + 1):
+            if cfg.batch_size is None:
+                xb, yb = x, y
+            else:
+                idx = torch.randint(0, len(x), (cfg.batch_size,), generator=g)
+                xb, yb = x[idx], y[idx]
+            opt.zero_grad(set_to_none=True)
+            loss = mse(model(xb), yb)
+            loss.backward()
+            opt.step()
+            if not torch.isfinite(loss):
+                log.log(step, diverged=1.0)
+                break
+            monitor.on_train_batch_end(step)
+            if progress is not None:
+                progress.update(1)
+        monitor.on_train_end()
+
+
+def finished(path: Path, steps: int) -> bool:
+    try:
+        run = load_run(path)
+    except (OSError, ValueError):
+        return False
+    loss = run.metrics.get("loss")
+    return loss is not None and loss.step.size > 0 and (
+        int(loss.step[-1]) == steps or "diverged" in run.metrics)
+
+
+def run_sweep(cfg: SweepConfig, out: Path, *, resume: bool = False, overwrite: bool = False,
+              progress: bool = True) -> list[Path]:
+    """Train every configuration; write ``out/runs/*.h5`` and ``out/sweep.json``."""
+    cfg.validate()
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not (resume or overwrite):
+        raise FileExistsError(f"sweep: output folder {out} exists and is not empty; pass "
+                              "--resume to skip finished runs, --overwrite to redo them, or "
+                              "choose another --out")
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    x, y = make_dataset(cfg.dataset, cfg.n)
+    x, y = x.to(cfg.device), y.to(cfg.device)
+    lrs: dict[tuple[str, int], Sequence[float]] = {}
+    for par, depth in itertools.product(cfg.parametrizations, cfg.depths):
+        lrs[par, depth] = [auto_lr(cfg, par, depth, x, y)] if cfg.lrs == "auto" else \
+            list(cfg.lrs)  # type: ignore[arg-type]
+    jobs = [(par, w, d, lr, s) for par in cfg.parametrizations for d in cfg.depths
+            for lr in lrs[par, d] for w in cfg.widths for s in cfg.seeds]
+    (out / "sweep.json").write_text(json.dumps(
+        {**dataclasses.asdict(cfg), "resolved_lrs": {f"{p}/d{d}": v for (p, d), v in lrs.items()}},
+        indent=2) + "\n")
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(jobs) * cfg.steps, unit="step", desc="sweep")
+    paths = []
+    for par, w, d, lr, s in jobs:
+        path = out / "runs" / run_name(par, w, d, lr, s)
+        paths.append(path)
+        if resume and not overwrite and finished(path, cfg.steps):
+            if bar is not None:
+                bar.update(cfg.steps)
+            continue
+        if bar is not None:
+            bar.set_postfix_str(f"{par} width {w} lr {lr:.3g}")
+        train_one(cfg, par, w, d, lr, s, (x, y), path, bar)
+    if bar is not None:
+        bar.close()
+    return paths

@@ -1,0 +1,80 @@
+"""The sweep command end to end on a tiny configuration, its refusals, plot and report."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import curvlab as cl
+from curvlab.cli import main
+from curvlab.sweep import SweepConfig, make_dataset, run_sweep
+
+TINY = ["--widths", "16,32", "--steps", "6", "--every", "3", "--n", "64", "--probe-size", "32",
+        "--quiet", "--device", "cpu"]
+
+
+def test_sweep_writes_runs_figures_and_report(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--out", str(out), *TINY]) == 0
+    report = capsys.readouterr().out
+    assert "super consistency of 'sharpness_lr'" in report and "| mup | 16 |" in report
+    runs = cl.load_runs(str(out / "runs" / "*.h5"))
+    assert sorted((r.config["parametrization"], r.config["width"]) for r in runs) == [
+        ("mup", 16), ("mup", 32), ("ntp", 16), ("ntp", 32)]
+    for r in runs:
+        assert r["loss"].step.tolist() == list(range(7))
+        assert r["sharpness_lr"].step.tolist() == [0, 3, 6]
+        assert r["sharpness_lr"].threshold == pytest.approx(2 / r.config["lr"])
+    lrs = {p: {r.config["lr"] for r in runs if r.config["parametrization"] == p}
+           for p in ("mup", "ntp")}
+    assert all(len(v) == 1 for v in lrs.values())  # one auto LR per parametrization
+    for name in ("overlay.png", "loss.png", "report.md", "sweep.json"):
+        assert (out / name).stat().st_size > 0
+    # the output folder is never clobbered
+    assert main(["sweep", "--out", str(out), *TINY]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "runs").iterdir()}
+    assert main(["sweep", "--out", str(out), "--resume", *TINY]) == 0
+    assert before == {p.name: p.stat().st_mtime_ns for p in (out / "runs").iterdir()}
+    assert main(["report", str(out / "runs" / "*.h5")]) == 0
+    assert "Sharpness against the edge of stability" in capsys.readouterr().out
+    assert main(["plot", str(out / "runs" / "*.h5"), "-o", str(tmp_path / "f.png")]) == 0
+    assert (tmp_path / "f.png").stat().st_size > 0
+
+
+def test_lr_sweep_and_config_file(tmp_path, capsys):
+    cfg = tmp_path / "cfg.toml"
+    cfg.write_text('parametrizations = ["mup", "sp"]\nlrs = [0.01, 0.1]\nwidths = [16, 32]\n')
+    out = tmp_path / "lr"
+    assert main(["sweep", "--config", str(cfg), "--out", str(out), "--steps", "4", "--every",
+                 "2", "--n", "32", "--probe-size", "16", "--quiet"]) == 0
+    assert "LR sweep report" in capsys.readouterr().out
+    assert (out / "lr_sweep.png").stat().st_size > 0
+    assert len(list((out / "runs").glob("*.h5"))) == 8
+
+
+def test_npz_dataset(tmp_path):
+    x, y = np.random.default_rng(0).normal(size=(20, 3)), np.arange(20) % 3
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    xt, yt = make_dataset(str(tmp_path / "d.npz"), 10)
+    assert xt.shape == (10, 3) and yt.shape == (10, 3)
+
+
+def test_errors(tmp_path, capsys):
+    cases = [({"model": "vit"}, "unknown model 'vit'"),
+             ({"dataset": "imagenet"}, "unknown dataset 'imagenet'"),
+             ({"parametrizations": ("mup", "abc")}, r"unknown parametrizations \['abc'\]"),
+             ({"widths": (64, 0)}, r"widths must be positive integers, got \[64, 0\]"),
+             ({"widths": (64, 128), "base_width": 128},
+              "base width 128 is larger than the smallest width 64"),
+             ({"optimizer": "rmsprop"}, "optimizer must be 'sgd' or 'adam'"),
+             ({"lrs": (0.1, -1.0)}, "lrs must be 'auto' or positive numbers")]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            run_sweep(SweepConfig(**kwargs), tmp_path / "x", progress=False)
+    assert main(["sweep", "--widths", "a,b", "--out", str(tmp_path / "y"), "--quiet"]) == 2
+    assert "invalid literal for int()" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"dataset file .* does not exist"):
+        make_dataset(str(tmp_path / "missing.npz"), 4)
+    assert main(["report", str(tmp_path / "none*.h5")]) == 2
+    assert "no file matches" in capsys.readouterr().err
