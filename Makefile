@@ -7,7 +7,7 @@ install:
 	PYTHON=$(PYTHON) bash scripts/install.sh
 
 run: install
-	$(PYTHON) -m curvlab.cli demo
+	$(PYTHON) -m curvlab.cli sweep --out runs/sweep --resume
 
 test: install
 	$(PYTHON) -m ruff check .

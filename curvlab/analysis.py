@@ -166,14 +166,15 @@ def sweep_report(runs: Sequence[Run], window: int = 5) -> str:
         lines += ["", f"Smoothed gap ratio NTP / muP: {b / a:.1f}x "
                   f"({'muP is super consistent, NTP is not' if b >= 3 * a else 'no clear split'})."]
     lines += ["", "Sharpness against the edge of stability (final smoothed value / threshold):",
-              "", "| parametrization | width | lr | threshold 2/eta | final / threshold |",
-              "|---|---:|---:|---:|---:|"]
+              "", "| parametrization | width | seed | lr | threshold 2/eta | final / threshold |",
+              "|---|---:|---:|---:|---:|---:|"]
     for run in sorted(runs, key=lambda r: (str(r.config.get("parametrization")),
-                                           r.config.get("width", 0))):
+                                           r.config.get("width", 0), r.config.get("seed", 0))):
         m = run.metrics[sharp]
         if m.threshold and m.value.size:
             final = float(np.mean(m.value[-window:]))
             lines.append(f"| {run.config.get('parametrization')} | {run.config.get('width')} | "
+                         f"{run.config.get('seed', '')} | "
                          f"{run.config.get('lr', float('nan')):.4g} | {m.threshold:.4g} | "
                          f"{final / m.threshold:.2f} |")
     if all("loss" in r.metrics for r in runs):

@@ -3,7 +3,8 @@
 ``plot_overlay(runs, metric="sharpness_lr", hue="width", col="parametrization")`` draws one
 panel per ``col`` value and one line per ``hue`` value (a sequential colormap: darker = wider),
 the edge-of-stability line ``2 / eta`` from the metric's ``threshold`` attribute, labelled axes and
-a legend. Vector metrics (top-k eigenvalues, per-layer quantities) plot column ``index``.
+a legend. Runs that share a panel and a hue (seeds) are drawn as their mean with their range as a
+band. Vector metrics (top-k eigenvalues, per-layer quantities) plot column ``index``.
 
 Example:
     >>> import numpy as np, curvlab as cl
@@ -18,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
@@ -56,15 +58,21 @@ def plot_overlay(runs: Sequence[Run], metric: str = "sharpness_lr", *, hue: str 
                              constrained_layout=True)
     for ax, (name, members) in zip(axes[0], sorted(panels.items(), key=lambda kv: str(kv[0])),
                                    strict=True):
-        thresholds = set()
-        for run in sorted(members, key=lambda r: (r.config.get(hue) is None, r.config.get(hue))):
-            m = run.metrics[metric]
-            values = m.value if m.value.ndim == 1 else m.value[:, index]
-            steps = np.maximum(m.step, 1) if log_steps else m.step
-            ax.plot(steps, values, color=colors[run.config.get(hue)], lw=1.6,
-                    label=f"{hue} {run.config.get(hue)}")
-            if m.threshold is not None:
-                thresholds.add(round(m.threshold, 12))
+        thresholds: set[float] = set()
+        by_hue: dict[Any, list[Any]] = defaultdict(list)
+        for run in members:
+            by_hue[run.config.get(hue)].append(run.metrics[metric])
+        for h in sorted(by_hue, key=lambda v: (v is None, v)):
+            metrics = by_hue[h]  # several seeds: their mean, and their range as a band
+            steps = functools.reduce(np.intersect1d, [m.step for m in metrics])
+            values = np.array([(m.value if m.value.ndim == 1 else m.value[:, index])[
+                np.searchsorted(m.step, steps)] for m in metrics])  # (seeds, T)
+            x = np.maximum(steps, 1) if log_steps else steps
+            ax.plot(x, values.mean(0), color=colors[h], lw=1.6, label=f"{hue} {h}")
+            if len(metrics) > 1:
+                ax.fill_between(x, values.min(0), values.max(0), color=colors[h], alpha=0.15,
+                                lw=0)
+            thresholds.update(round(m.threshold, 12) for m in metrics if m.threshold is not None)
         if eos:
             for i, t in enumerate(sorted(thresholds)):
                 ax.axhline(t, color="crimson", ls="--", lw=1.2,

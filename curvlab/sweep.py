@@ -62,9 +62,11 @@ class SweepConfig:
     n: int = 512
     probe_size: int = 256
     every: int = 10
-    seeds: tuple[int, ...] = (0,)
+    seeds: tuple[int, ...] = (0, 1, 2)  # averaged per width in the report
     device: str = "cpu"
     base_width: int | None = None  # None: the smallest width
+    sigma: float = 1.0  # base init scale of every parametrization
+    lr_fraction: float = LR_FRACTION  # lr="auto": eta = lr_fraction * 2 / lambda_0
 
     def validate(self) -> None:
         call = "sweep"
@@ -130,14 +132,14 @@ def make_dataset(name: str, n: int, seed: int = 0) -> tuple[Tensor, Tensor]:
     return x.reshape(len(x), -1)[:n], y.float()[:n]
 
 
-def parametrization(name: str, base_width: int) -> Parametrization:
-    return {"mup": MuP(base_width), "ntp": NTP(), "sp": SP()}[name]
+def parametrization(name: str, base_width: int, sigma: float) -> Parametrization:
+    return {"mup": MuP(base_width, sigma), "ntp": NTP(sigma=sigma), "sp": SP(sigma=sigma)}[name]
 
 
 def build_model(cfg: SweepConfig, par: str, width: int, depth: int, d_in: int, d_out: int,
                 seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
-    p = parametrization(par, cfg.base)
+    p = parametrization(par, cfg.base, cfg.sigma)
     cls = MLP if cfg.model == "mlp" else ResNet
     return cls(width, depth, p, d_in=d_in, d_out=d_out).to(cfg.device)
 
@@ -145,10 +147,10 @@ def build_model(cfg: SweepConfig, par: str, width: int, depth: int, d_in: int, d
 def auto_lr(cfg: SweepConfig, par: str, depth: int, x: Tensor, y: Tensor) -> float:
     """``LR_FRACTION * 2 / lambda_0`` at the base width (see the module docstring)."""
     model = build_model(cfg, par, cfg.base, depth, x.shape[1], y.shape[1], cfg.seeds[0])
-    opt = parametrization(par, cfg.base).optimizer(model, cfg.optimizer, 1.0)
+    opt = parametrization(par, cfg.base, cfg.sigma).optimizer(model, cfg.optimizer, 1.0)
     d = lr_scales(opt, dict(model.named_parameters()), base_lr=1.0)
     lam = sharpness(model, mse, (x, y), scales=d, generator=torch.Generator().manual_seed(0))
-    return LR_FRACTION * 2.0 / lam
+    return cfg.lr_fraction * 2.0 / lam
 
 
 def run_name(par: str, width: int, depth: int, lr: float, seed: int) -> str:
@@ -160,7 +162,7 @@ def train_one(cfg: SweepConfig, par: str, width: int, depth: int, lr: float, see
     """One run: full-batch (or mini-batch) training with a Monitor, logged to ``path``."""
     x, y = data
     model = build_model(cfg, par, width, depth, x.shape[1], y.shape[1], seed)
-    opt = parametrization(par, cfg.base).optimizer(model, cfg.optimizer, lr)
+    opt = parametrization(par, cfg.base, cfg.sigma).optimizer(model, cfg.optimizer, lr)
     probe = (x[:cfg.probe_size], y[:cfg.probe_size])
     config = {"model": cfg.model, "width": width, "depth": depth, "parametrization": par,
               "optimizer": cfg.optimizer, "lr": lr, "seed": seed, "steps": cfg.steps,

@@ -9,8 +9,8 @@ import curvlab as cl
 from curvlab.cli import main
 from curvlab.sweep import SweepConfig, make_dataset, run_sweep
 
-TINY = ["--widths", "16,32", "--steps", "6", "--every", "3", "--n", "64", "--probe-size", "32",
-        "--quiet", "--device", "cpu"]
+TINY = ["--widths", "16,32", "--seeds", "0", "--steps", "6", "--every", "3", "--n", "64",
+        "--probe-size", "32", "--quiet", "--device", "cpu"]
 
 
 def test_sweep_writes_runs_figures_and_report(tmp_path, capsys):
@@ -46,8 +46,8 @@ def test_lr_sweep_and_config_file(tmp_path, capsys):
     cfg = tmp_path / "cfg.toml"
     cfg.write_text('parametrizations = ["mup", "sp"]\nlrs = [0.01, 0.1]\nwidths = [16, 32]\n')
     out = tmp_path / "lr"
-    assert main(["sweep", "--config", str(cfg), "--out", str(out), "--steps", "4", "--every",
-                 "2", "--n", "32", "--probe-size", "16", "--quiet"]) == 0
+    assert main(["sweep", "--config", str(cfg), "--out", str(out), "--steps", "4", "--seeds",
+                 "0", "--every", "2", "--n", "32", "--probe-size", "16", "--quiet"]) == 0
     assert "LR sweep report" in capsys.readouterr().out
     assert (out / "lr_sweep.png").stat().st_size > 0
     assert len(list((out / "runs").glob("*.h5"))) == 8
@@ -78,3 +78,21 @@ def test_errors(tmp_path, capsys):
         make_dataset(str(tmp_path / "missing.npz"), 4)
     assert main(["report", str(tmp_path / "none*.h5")]) == 2
     assert "no file matches" in capsys.readouterr().err
+
+
+def test_default_job_shows_super_consistency(tmp_path, capsys):
+    """The README's main job: muP's sharpness trajectories coincide across widths 64-512 and rise
+    to 2/eta; NTP's sharpen less as width grows (Noci et al. 2024, arXiv:2402.17457)."""
+    out = tmp_path / "main"
+    assert main(["sweep", "--out", str(out), "--quiet", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    runs = cl.load_runs(str(out / "runs" / "*.h5"))
+    assert {r.config["width"] for r in runs} == {64, 128, 256, 512}
+    sc = cl.super_consistency(runs, metric="sharpness_lr")
+    assert 3 * sc.mean_gap("mup") <= sc.mean_gap("ntp"), sc.table()
+    for r in runs:
+        m = r["sharpness_lr"]
+        ratio = float(np.mean(m.value[-5:])) / m.threshold
+        if r.config["parametrization"] == "mup":
+            assert 0.9 <= ratio <= 1.1, (r.config, ratio)  # at the edge of stability
+    assert (out / "overlay.png").stat().st_size > 10_000
