@@ -27,6 +27,7 @@ import torch
 from hvp import (
     busy_seconds,
     environment,
+    header,
     make_problem,
     median,
     save,
@@ -71,13 +72,7 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> di
 
 
 def markdown(result: dict[str, Any]) -> str:
-    env = result["environment"]
-    load = env.get("other_load_cores_during_run")
-    lines = [f"### {env['device']}: {env['device_name']}",
-             f"torch {env['torch']}, Python {env['python']}, {env['torch_threads']} threads, "
-             f"{env['date']}, commit {(env['git_commit'] or '?')[:10]}, median of "
-             f"{result['settings']['repeats']} repeats; other load during the run: "
-             + (f"{load:.2f} cores." if load is not None else "not measured."), "",
+    lines = [*header(result, f"median of {result['settings']['repeats']} repeats"),
              "| model | layers | call | ms | x training step |", "|---|---|---|---:|---:|"]
     for r in result["models"].values():
         first = True

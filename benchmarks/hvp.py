@@ -292,15 +292,20 @@ def fmt(q: dict[str, float] | None) -> str:
     return f"{q['median']:.3f} [{q['low']:.3f}, {q['high']:.3f}] ({verdict(q)})"
 
 
-def markdown(result: dict[str, Any]) -> str:
-    """The tables of one run: times per model and route, then the targets."""
+def header(result: dict[str, Any], detail: str) -> list[str]:
+    """The machine and run lines that open every benchmark's table."""
     env = result["environment"]
     load = env.get("other_load_cores_during_run")
-    lines = [f"### {env['device']}: {env['device_name']}",
-             f"torch {env['torch']}, Python {env['python']}, {env['torch_threads']} threads, "
-             f"{env['date']}, commit {(env['git_commit'] or '?')[:10]}, "
-             f"median of {result['settings']['repeats']} repeats; other load during the run: "
-             + (f"{load:.2f} cores." if load is not None else "not measured."), "",
+    return [f"### {env['device']}: {env['device_name']}",
+            f"torch {env['torch']}, Python {env['python']}, {env['torch_threads']} threads, "
+            f"{env['date']}, commit {(env['git_commit'] or '?')[:10]}, {detail}; other load "
+            "during the run: " + (f"{load:.2f} cores." if load is not None else "not measured."),
+            ""]
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The tables of one run: times per model and route, then the targets."""
+    lines = [*header(result, f"median of {result['settings']['repeats']} repeats"),
              "| model | P | route | ms per product (m=1) | x gradient | ms per vector "
              "m=8 / m=32 | products/s m=1 / 8 / 32 |", "|---|---:|---|---:|---:|---:|---:|"]
     for r in result["models"].values():

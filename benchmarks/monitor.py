@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hvp import busy_seconds, environment, make_problem, save, write_section
+from hvp import busy_seconds, environment, header, make_problem, save, write_section
 from torch import nn
 
 import curvlab as cl
@@ -69,13 +69,10 @@ def train(steps: int, quick: bool, mode: str, folder: Path) -> dict[str, Any]:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    env, s = result["environment"], result["summary"]
-    load = env.get("other_load_cores_during_run")
-    lines = [f"### {env['device']}: {env['device_name']}",
-             f"torch {env['torch']}, {env['torch_threads']} threads, {env['date']}, commit "
-             f"{(env['git_commit'] or '?')[:10]}, {result['settings']['steps']} GD steps, "
-             f"median of {result['settings']['repeats']} runs; other load: "
-             + (f"{load:.2f} cores." if load is not None else "not measured."), "",
+    s = result["summary"]
+    detail = (f"{result['settings']['steps']} GD steps, median of "
+              f"{result['settings']['repeats']} runs")
+    lines = [*header(result, detail),
              "| run | wall s | Monitor share of wall time | products per measurement |",
              "|---|---:|---:|---|"]
     for mode in ("none", "warm", "cold"):
