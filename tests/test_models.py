@@ -165,3 +165,34 @@ def test_effective_depth_follows_the_documented_convention():
         cl.transfer_lr(0.1, 4, 0)
     with pytest.raises(TypeError, match="example_input must be a tensor"):
         cl.effective_depth(model, [1, 2])
+
+
+def test_convnet_and_transformer():
+    from curvlab.models import ConvNet, Transformer
+    from curvlab.testing import dense_hessian
+
+    x_img, x_seq = torch.randn(3, 1, 8, 8), torch.randn(3, 5, 16)
+    for cls, x in ((ConvNet, x_img), (Transformer, x_seq)):
+        torch.manual_seed(1)
+        sp = cls(32, 2, cl.SP())
+        torch.manual_seed(1)
+        mup = cls(32, 2, cl.MuP(base_width=32))
+        for a, b in zip(_weights(sp), _weights(mup), strict=True):  # muP = SP at base width
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(sp(x), mup(x), rtol=0, atol=0)
+        assert mup(x).shape == (3, 10)
+    wide = Transformer(128, 2, cl.MuP(base_width=32))
+    assert wide.blocks[0].attn_scale == pytest.approx(8**0.5 / 32)  # sqrt(d0) / d, d = 32, d0 = 8
+    assert wide.head.multiplier == pytest.approx(0.25)
+    assert cl.effective_depth(ConvNet(8, 3), x_img) == 4  # three convolutions and the head
+    assert cl.effective_depth(Transformer(16, 3), x_seq) == 8  # 2 per block, embedding, head
+    # twice differentiable through the custom attention scale and the convolutions (float64)
+    for model, x in ((Transformer(8, 1, heads=2, d_in=16, d_out=2).double(), x_seq.double()),
+                     (ConvNet(4, 2, d_out=2).double(), x_img.double())):
+        y = torch.randn(3, 2, dtype=torch.float64)
+        H = cl.HessianOperator(model.eval(), mse, (x, y))
+        P = H.shape[0]
+        torch.testing.assert_close(H @ torch.eye(P, dtype=torch.float64),
+                                   dense_hessian(model, mse, (x, y)), rtol=1e-9, atol=1e-11)
+    with pytest.raises(ValueError, match="width 30 must be divisible by heads 4"):
+        Transformer(30)

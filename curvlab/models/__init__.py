@@ -1,7 +1,7 @@
 """Parametrizations (SP, NTP, muP, Depth-muP, interpolated) and reference models."""
 
 from curvlab.models.depth import effective_depth, transfer_lr
-from curvlab.models.nets import MLP, ResidualBlock, ResNet
+from curvlab.models.nets import MLP, ConvNet, ResidualBlock, ResNet, Transformer, TransformerBlock
 from curvlab.models.parametrizations import (
     NTP,
     SP,
@@ -9,9 +9,27 @@ from curvlab.models.parametrizations import (
     Interpolated,
     MuP,
     Parametrization,
+    ScaledConv2d,
     ScaledLinear,
     interpolated,
 )
 
-__all__ = ["MLP", "NTP", "SP", "DepthMuP", "Interpolated", "MuP", "Parametrization", "ResNet",
-           "ResidualBlock", "ScaledLinear", "effective_depth", "interpolated", "transfer_lr"]
+__all__ = [
+    "MLP",
+    "NTP",
+    "SP",
+    "ConvNet",
+    "DepthMuP",
+    "Interpolated",
+    "MuP",
+    "Parametrization",
+    "ResNet",
+    "ResidualBlock",
+    "ScaledConv2d",
+    "ScaledLinear",
+    "Transformer",
+    "TransformerBlock",
+    "effective_depth",
+    "interpolated",
+    "transfer_lr",
+]

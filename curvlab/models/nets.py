@@ -16,9 +16,10 @@ Example:
 
 from __future__ import annotations
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from curvlab.models.parametrizations import SP, Parametrization, ScaledLinear
+from curvlab.models.parametrizations import SP, Parametrization, ScaledConv2d, ScaledLinear
 
 
 def _check(call: str, width: int, depth: int, parametrization: Parametrization,
@@ -97,3 +98,80 @@ class ResNet(nn.Module):
         for block in self.blocks:
             h = block(h)  # (n, width), the residual stream
         return self.head(h)  # (n, d_out)
+
+
+class ConvNet(nn.Module):
+    """``depth`` 3x3 convolutions with ``width`` channels (the first is the input layer), global
+    average pooling and a linear head. Shapes: ``(n, in_channels, h, w) -> (n, d_out)``."""
+
+    def __init__(self, width: int, depth: int = 3, parametrization: Parametrization | None = None,
+                 *, in_channels: int = 1, d_out: int = 10, act: type[nn.Module] = nn.ReLU,
+                 bias: bool = True) -> None:
+        parametrization = parametrization or SP()
+        _check("ConvNet", width, depth, parametrization, 1)
+        super().__init__()
+        self.width, self.depth, self.parametrization = width, depth, parametrization
+        self.convs = nn.ModuleList(
+            ScaledConv2d(in_channels if i == 0 else width, width, "input" if i == 0 else "hidden",
+                         bias=bias) for i in range(depth))
+        self.head = ScaledLinear(width, d_out, "output", bias)
+        self.act = act()
+        parametrization.apply(self, width)
+
+    def forward(self, x: Tensor) -> Tensor:  # x (n, c, h, w)
+        for conv in self.convs:
+            x = self.act(conv(x))  # (n, width, h, w)
+        return self.head(x.mean(dim=(2, 3)))  # (n, d_out)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LN block: causal self-attention (``F.scaled_dot_product_attention`` with the
+    parametrization's logit scale) and an MLP (``2 * width``), both residual, branches scaled."""
+
+    def __init__(self, width: int, heads: int, scale: float, attn_scale: float,
+                 bias: bool) -> None:
+        super().__init__()
+        self.heads, self.scale, self.attn_scale = heads, scale, attn_scale
+        self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv = ScaledLinear(width, 3 * width, "hidden", bias)
+        self.proj = ScaledLinear(width, width, "hidden", bias)
+        self.fc1 = ScaledLinear(width, 2 * width, "hidden", bias)
+        self.fc2 = ScaledLinear(2 * width, width, "hidden", bias)
+
+    def forward(self, h: Tensor) -> Tensor:  # h (n, T, d)
+        n, T, d = h.shape
+        q, k, v = self.qkv(self.ln1(h)).split(d, dim=-1)  # each (n, T, d)
+        q, k, v = (t.view(n, T, self.heads, d // self.heads).transpose(1, 2)
+                   for t in (q, k, v))  # each (n, heads, T, d / heads)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           scale=self.attn_scale)  # (n, heads, T, d / heads)
+        h = h + self.scale * self.proj(a.transpose(1, 2).reshape(n, T, d))  # (n, T, d)
+        return h + self.scale * self.fc2(F.gelu(self.fc1(self.ln2(h))))  # (n, T, d)
+
+
+class Transformer(nn.Module):
+    """A tiny pre-LN transformer on ``(n, T, d_in)``: linear embedding to ``width``, ``depth``
+    :class:`TransformerBlock` s, mean pooling over tokens and a linear head. LayerNorm
+    parameters are trained at the base LR."""
+
+    def __init__(self, width: int, depth: int = 2, parametrization: Parametrization | None = None,
+                 *, heads: int = 4, d_in: int = 16, d_out: int = 10, bias: bool = True) -> None:
+        parametrization = parametrization or SP()
+        _check("Transformer", width, depth, parametrization, 1)
+        if width % heads:
+            raise ValueError(f"Transformer: width {width} must be divisible by heads {heads}")
+        super().__init__()
+        self.width, self.depth, self.parametrization = width, depth, parametrization
+        scale = parametrization.branch_scale(depth)
+        attn = parametrization.attention_scale(width // heads, width)
+        self.embed = ScaledLinear(d_in, width, "input", bias)
+        self.blocks = nn.ModuleList(TransformerBlock(width, heads, scale, attn, bias)
+                                    for _ in range(depth))
+        self.head = ScaledLinear(width, d_out, "output", bias)
+        parametrization.apply(self, width)
+
+    def forward(self, x: Tensor) -> Tensor:  # x (n, T, d_in)
+        h = self.embed(x)  # (n, T, width)
+        for block in self.blocks:
+            h = block(h)  # (n, T, width), the residual stream
+        return self.head(h.mean(dim=1))  # (n, d_out)

@@ -1,7 +1,8 @@
 """Width (and depth) parametrizations: init, forward multipliers and per-layer learning rates.
 
 MATH.md section 6, with width multiplier ``m = width / base_width`` and base init scale ``sigma``.
-Every layer of a curvlab model is a :class:`ScaledLinear` with a ``role`` (``"input"``,
+Every weight layer of a curvlab model is a :class:`ScaledLinear` (or :class:`ScaledConv2d`,
+``fan_in = in_channels * kh * kw``) with a ``role`` (``"input"``,
 ``"hidden"`` or ``"output"``); a parametrization maps (role, fan_in, m) to a forward multiplier,
 an init std and learning-rate multipliers for the weight and the bias:
 
@@ -20,7 +21,9 @@ interpolated(s)   1                   output: sigma/sqrt(n0)   input, biases m^s
 ================  ==================  =======================  ==================================
 
 muP follows Yang & Hu 2021 (arXiv:2011.14522, Table 3, abc form); at ``m = 1`` it is SP exactly.
-Biases start at zero.
+Biases start at zero. Attention logits are scaled by ``1/sqrt(head_dim)``, and under muP by
+``sqrt(d0)/d`` (``1/d`` in width, Yang et al. 2022, arXiv:2203.03466). Parameters outside these
+layers (LayerNorm) keep PyTorch's init and the base LR.
 
 Example:
     >>> import curvlab as cl
@@ -59,8 +62,38 @@ class ScaledLinear(nn.Linear):
             out = out * self.multiplier
         return out if self.bias is None else out + self.bias
 
+    @property
+    def fan_in(self) -> int:
+        return self.in_features
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, role={self.role}, multiplier={self.multiplier:.4g}"
+
+
+class ScaledConv2d(nn.Conv2d):
+    """``y = multiplier * conv(x, W) + b`` (3x3 by default, same padding); ``fan_in`` is
+    ``in_channels * kh * kw``."""
+
+    def __init__(self, in_channels: int, out_channels: int, role: str, kernel_size: int = 3,
+                 bias: bool = True) -> None:
+        if role not in ROLES:
+            raise ValueError(f"ScaledConv2d: role must be one of {ROLES}, got {role!r}")
+        super().__init__(in_channels, out_channels, kernel_size, padding=kernel_size // 2,
+                         bias=bias)
+        self.role, self.multiplier = role, 1.0
+
+    @property
+    def fan_in(self) -> int:
+        return self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+
+    def forward(self, x: Tensor) -> Tensor:  # x (n, c_in, h, w) -> (n, c_out, h, w)
+        out = self._conv_forward(x, self.weight, None)
+        if self.multiplier != 1.0:
+            out = out * self.multiplier
+        return out if self.bias is None else out + self.bias[:, None, None]
+
+
+Scaled = ScaledLinear | ScaledConv2d
 
 
 @dataclass(frozen=True)
@@ -89,9 +122,14 @@ class Parametrization:
         """Scale of residual branches (1 unless the parametrization is depth-aware)."""
         return 1.0
 
+    def attention_scale(self, head_dim: int, width: int) -> float:
+        """Scale of attention logits ``q.k``: ``1/sqrt(head_dim)`` (muP overrides it)."""
+        return 1.0 / math.sqrt(head_dim)
+
     # ---------------------------------------------------------------- model and optimizer
-    def layers(self, model: nn.Module) -> list[tuple[str, ScaledLinear]]:
-        found = [(n, m) for n, m in model.named_modules() if isinstance(m, ScaledLinear)]
+    def layers(self, model: nn.Module) -> list[tuple[str, Scaled]]:
+        found = [(n, m) for n, m in model.named_modules()
+                 if isinstance(m, ScaledLinear | ScaledConv2d)]
         if not found:
             raise TypeError(f"{type(self).__name__}: the model has no ScaledLinear layers; build "
                             "it with curvlab.models (MLP, ResNet, ...)")
@@ -102,8 +140,8 @@ class Parametrization:
         """Set every layer's multiplier and draw its init (weights Gaussian, biases zero)."""
         with torch.no_grad():
             for _, layer in self.layers(model):
-                layer.multiplier = self.multiplier(layer.role, layer.in_features, width)
-                std = self.init_std(layer.role, layer.in_features, width)
+                layer.multiplier = self.multiplier(layer.role, layer.fan_in, width)
+                std = self.init_std(layer.role, layer.fan_in, width)
                 layer.weight.normal_(0.0, std, generator=generator)
                 if layer.bias is not None:
                     layer.bias.zero_()
@@ -144,7 +182,7 @@ class Parametrization:
         width, depth = _model_width(model), getattr(model, "depth", None)
         problems = []
         for name, layer in self.layers(model):
-            want = self.multiplier(layer.role, layer.in_features, width)
+            want = self.multiplier(layer.role, layer.fan_in, width)
             if not math.isclose(layer.multiplier, want, rel_tol=rtol):
                 problems.append(f"{name}: forward multiplier {layer.multiplier:.4g}, expected "
                                 f"{want:.4g} ({layer.role} layer)")
@@ -210,6 +248,11 @@ class MuP(Parametrization):
         if role == "output":
             return self.sigma / math.sqrt(fan_in / self.width_ratio(width))  # sigma / sqrt(n0)
         return self.sigma / math.sqrt(fan_in)
+
+    def attention_scale(self, head_dim: int, width: int) -> float:
+        """``sqrt(d0) / d`` for head dimension ``d`` and base ``d0 = d / m``: ``1/d`` scaling in
+        width (Yang et al. 2022, arXiv:2203.03466), ``1/sqrt(d)`` at the base width."""
+        return math.sqrt(head_dim / self.width_ratio(width)) / head_dim
 
     def lr_scale(self, role: str, kind: str, width: int, optimizer: str = "sgd",
                  depth: int | None = None) -> float:
