@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -123,6 +124,9 @@ def plot_lr_sweep(runs: Sequence[Run], *, hue: str = "width", col: str = "parame
             ax.plot(lr[best], val[best], "*", color=c, ms=14, mec="k")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        grid = sorted({p[0] for pts in lines.values() for p in pts})
+        ax.set_xticks(grid, [f"{v:g}" for v in grid])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_xlabel("learning rate")
         ax.set_ylabel(f"final {LABELS.get(metric, metric)}")
         ax.set_title(f"{col} {name} (star: best LR)")

@@ -41,7 +41,7 @@ def test_mup_scales_with_width():
     adam = {g["name"]: g["lr"] for g in p.optimizer(model, "adam", 0.1).param_groups}
     assert sgd == pytest.approx({"layers.0.weight": 0.4, "layers.0.bias": 0.4,
                                  "layers.1.weight": 0.1, "layers.1.bias": 0.4,
-                                 "layers.2.weight": 0.4, "layers.2.bias": 0.4})
+                                 "layers.2.weight": 0.4, "layers.2.bias": 0.1})
     assert adam == pytest.approx({"layers.0.weight": 0.1, "layers.0.bias": 0.1,
                                   "layers.1.weight": 0.025, "layers.1.bias": 0.1,
                                   "layers.2.weight": 0.1, "layers.2.bias": 0.1})
@@ -115,7 +115,7 @@ def test_check_warns_naming_the_layers():
     with pytest.warns(UserWarning, match=r"mup check: .*layers\.0\.weight: learning rate 0\.1, "
                                          r"expected 0\.4"):
         problems = p.check(model, plain)
-    assert len(problems) == 5  # every group but the hidden weight
+    assert len(problems) == 4  # every group but the hidden weight and the output bias
     model.layers[2].multiplier = 1.0
     with pytest.warns(UserWarning, match=r"layers\.2: forward multiplier 1, expected 0\.25"):
         p.check(model)

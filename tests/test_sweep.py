@@ -96,3 +96,25 @@ def test_default_job_shows_super_consistency(tmp_path, capsys):
         if r.config["parametrization"] == "mup":
             assert 0.9 <= ratio <= 1.1, (r.config, ratio)  # at the edge of stability
     assert (out / "overlay.png").stat().st_size > 10_000
+
+
+def test_lr_transfer_mup_keeps_its_optimum_sp_does_not(tmp_path, capsys):
+    """The best GD learning rate (final loss after 100 steps) on a factor-2 grid: under muP it
+    moves by at most one grid step from width 64 to 1024; under SP it moves further."""
+    grid = [0.0125, 0.025, 0.05, 0.1, 0.2, 0.4]
+    out = tmp_path / "lr"
+    assert main(["sweep", "--out", str(out), "--parametrizations", "mup,sp", "--lr",
+                 ",".join(map(str, grid)), "--widths", "64,256,1024", "--steps", "100",
+                 "--seeds", "0", "--every", "100", "--quiet", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    best: dict[str, dict[int, tuple[float, float]]] = {"mup": {}, "sp": {}}
+    for r in cl.load_runs(str(out / "runs" / "*.h5")):
+        loss = r["loss"].value
+        final = float(np.mean(loss[-10:])) if "diverged" not in r.metrics else np.inf
+        p, w = r.config["parametrization"], r.config["width"]
+        if w not in best[p] or final < best[p][w][1]:
+            best[p][w] = (r.config["lr"], final)
+    steps = {p: [grid.index(b[w][0]) for w in (64, 256, 1024)] for p, b in best.items()}
+    assert max(steps["mup"]) - min(steps["mup"]) <= 1, steps
+    assert max(steps["sp"]) - min(steps["sp"]) >= 2, steps
+    assert (out / "lr_sweep.png").stat().st_size > 10_000

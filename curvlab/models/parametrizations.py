@@ -11,16 +11,21 @@ parametrization   multiplier          init std                 LR multiplier (SG
 ================  ==================  =======================  ==================================
 SP                1                   sigma / sqrt(fan_in)     1
 NTP               1 / sqrt(fan_in)    sigma                    1
-MuP (SGD)         output: 1 / m       output: sigma/sqrt(n0)   input, output, biases: m; hidden 1
+MuP (SGD)         output: 1 / m       output: sigma/sqrt(n0)   input, output, hidden biases: m;
+                                                               hidden weights, output bias: 1
 MuP (Adam)        output: 1 / m       output: sigma/sqrt(n0)   hidden: 1 / m; others 1
 DepthMuP          as MuP, residual branches scaled by 1/sqrt(depth); Adam LRs times
                   (depth / base_depth)^(-1/2)  (Yang et al. 2023, arXiv:2310.02244; Bordelon et
                   al. 2023, arXiv:2309.16620)
-interpolated(s)   1                   output: sigma/sqrt(n0)   input, biases m^s; hidden m^(s-1);
-                                      * m^(-(1+s)/2)           output 1/m  (NTP at s=0, muP at s=1)
+interpolated(s)   1                   output: sigma/sqrt(n0)   input, hidden biases m^s; hidden
+                                      * m^(-(1+s)/2)           m^(s-1); output 1/m, its bias 1
+                                                               (NTP at s=0, muP at s=1)
 ================  ==================  =======================  ==================================
 
 muP follows Yang & Hu 2021 (arXiv:2011.14522, Table 3, abc form); at ``m = 1`` it is SP exactly.
+MATH.md says "biases LR eta m"; Table 3 gives biases ``LR ~ fan_out``, and the output bias's
+fan_out is the output size, so its LR stays ``eta`` (with ``eta m`` the readout bias alone
+destabilizes wide networks: measured, GD diverged at width 1024 at an LR stable at width 64).
 Biases start at zero. Attention logits are scaled by ``1/sqrt(head_dim)``, and under muP by
 ``sqrt(d0)/d`` (``1/d`` in width, Yang et al. 2022, arXiv:2203.03466). Parameters outside these
 layers (LayerNorm) keep PyTorch's init and the base LR.
@@ -257,8 +262,11 @@ class MuP(Parametrization):
     def lr_scale(self, role: str, kind: str, width: int, optimizer: str = "sgd",
                  depth: int | None = None) -> float:
         m = self.width_ratio(width)
-        if optimizer == "sgd":
-            return 1.0 if (role == "hidden" and kind == "weight") else m
+        if optimizer == "sgd":  # LR ~ fan_out for input weights and biases, but the output
+            # bias's fan_out is the fixed output size: its LR does not grow with width
+            if (role == "hidden" and kind == "weight") or (role == "output" and kind == "bias"):
+                return 1.0
+            return m
         return 1.0 / m if (role == "hidden" and kind == "weight") else 1.0
 
 
@@ -298,6 +306,8 @@ class Interpolated(Parametrization):
     def lr_scale(self, role: str, kind: str, width: int, optimizer: str = "sgd",
                  depth: int | None = None) -> float:
         m = self.width_ratio(width)
+        if role == "output" and kind == "bias":
+            return 1.0  # fan_out is the fixed output size
         if kind == "bias" or role == "input":
             return m ** self.s
         return m ** (self.s - 1) if role == "hidden" else 1.0 / m
