@@ -213,6 +213,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_plot.add_argument("-o", "--output", required=True, help="figure path (.png, .pdf)")
     p_plot.add_argument("--metric", default="sharpness_lr")
     p_plot.add_argument("--log-steps", action="store_true")
+    p_plot.add_argument("--index", type=int, help="column of a vector metric (default: the "
+                        "largest of a top-k metric, the last layer of a per-layer one)")
     p_report = sub.add_parser("report", help="print the super-consistency report of runs")
     p_report.add_argument("runs", nargs="+", help="run files (or quoted globs)")
     p_inspect = sub.add_parser("inspect", help="print a run file's config and metrics summary")
@@ -235,7 +237,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if args.command == "report":
                     print(sweep_report(runs))
                 else:
-                    plot_overlay(runs, metric=args.metric, log_steps=args.log_steps).savefig(
+                    plot_overlay(runs, metric=args.metric, log_steps=args.log_steps,
+                                 index=args.index, eos=args.metric.startswith("sharpness"),
+                                 log_y=args.metric in ("loss", "ntk_top")).savefig(
                         args.output, dpi=130)
         except (FileExistsError, FileNotFoundError, ValueError) as err:
             print(f"curvlab {args.command}: {err}", file=sys.stderr)

@@ -167,11 +167,24 @@ def _ntvp_kernel(s: _Setup, outputs: str, chunk_size: int | None) -> Tensor:
     return _reduce(K, outputs)
 
 
+def _weight_multiplier(m: nn.Module) -> float | None:
+    """``c`` for a module computing ``c W h + b`` (``nn.Linear``: 1; curvlab's ``ScaledLinear``:
+    its multiplier); ``None`` for anything else, including Linear subclasses that override
+    ``forward`` (their kernel comes from per-example Jacobians)."""
+    if not isinstance(m, nn.Linear):
+        return None
+    if type(m).forward is nn.Linear.forward:
+        return 1.0
+    from curvlab.models.parametrizations import ScaledLinear
+
+    return float(m.multiplier) if isinstance(m, ScaledLinear) else None
+
+
 def _structured_layers(s: _Setup) -> dict[str, nn.Linear]:
     """Linear modules whose parameters are all selected, with scales constant per tensor."""
     layers = {}
     for name, m in s.model.named_modules():
-        if not isinstance(m, nn.Linear):
+        if _weight_multiplier(m) is None:
             continue
         names = [f"{name}.{p}" if name else p for p, _ in m.named_parameters(recurse=False)]
         if not all(n in s.params for n in names):
@@ -230,7 +243,8 @@ def _structured_kernel(s: _Setup, outputs: str, chunk_size: int | None) -> Tenso
     for name, m in layers.items():
         (h1, g1), (h2, g2) = F1[name], F2[name]
         prefix = f"{name}." if name else ""
-        d_w = 1.0 if s.scales is None else s.scales[prefix + "weight"].flatten()[0]
+        c = _weight_multiplier(m) or 1.0  # y = c W h + b: the weight's kernel carries c^2
+        d_w = c * c * (1.0 if s.scales is None else s.scales[prefix + "weight"].flatten()[0])
         d_b = 0.0 if m.bias is None else (
             1.0 if s.scales is None else s.scales[prefix + "bias"].flatten()[0])
         if h1.shape[1] == h2.shape[1] == 1:  # one token, one call: add into K by row blocks

@@ -4,7 +4,8 @@
 panel per ``col`` value and one line per ``hue`` value (a sequential colormap: darker = wider),
 the edge-of-stability line ``2 / eta`` from the metric's ``threshold`` attribute, labelled axes and
 a legend. Runs that share a panel and a hue (seeds) are drawn as their mean with their range as a
-band. Vector metrics (top-k eigenvalues, per-layer quantities) plot column ``index``.
+band. Vector metrics plot column ``index``: by default the largest of a top-k metric
+(``ntk_top``) and the last layer of a per-layer one (``feature_cos_theta``).
 
 Example:
     >>> import numpy as np, curvlab as cl
@@ -41,11 +42,14 @@ LABELS = {"sharpness_lr": "LR-preconditioned sharpness", "sharpness": "sharpness
 
 def plot_overlay(runs: Sequence[Run], metric: str = "sharpness_lr", *, hue: str = "width",
                  col: str = "parametrization", eos: bool = True, log_steps: bool = False,
-                 log_y: bool = False, index: int = -1, title: str | None = None) -> Figure:
+                 log_y: bool = False, index: int | None = None, title: str | None = None
+                 ) -> Figure:
     """One panel per ``col`` value, one line per run coloured by ``hue`` (see module docstring)."""
     call = "plot_overlay"
     if not runs:
         raise ValueError(f"{call}: no runs given")
+    if index is None:  # the largest of a top-k metric; the last layer of a per-layer one
+        index = 0 if metric.endswith("_top") else -1
     panels: dict[Any, list[Run]] = defaultdict(list)
     for run in runs:
         if metric not in run.metrics:

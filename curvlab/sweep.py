@@ -2,7 +2,8 @@
 
 The default job (``curvlab sweep`` with no flags) trains a 3-layer ReLU MLP at widths 64-512
 under muP and NTP with full-batch GD on a 512-point teacher-student task (MSE), logging the loss
-every step and the LR-preconditioned sharpness (with its EoS line ``2 / eta``) every 10 steps.
+every step and, every 10 steps, the LR-preconditioned sharpness (with its EoS line ``2 / eta``), the
+top eigenvalues of the empirical NTK on 64 probe examples and the feature speed per layer.
 
 ``lr="auto"`` (the default): for each parametrization, ``eta = lr_fraction * 2 / lambda_0``, with
 ``lambda_0`` the LR-preconditioned sharpness at initialization at the base width (the smallest
@@ -32,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from curvlab.callbacks import Loss, Monitor, Sharpness
+from curvlab.callbacks import FeatureSpeed, Loss, Monitor, NTKSpectrum, Sharpness
 from curvlab.hdf5 import RunLogger
 from curvlab.models import MLP, NTP, SP, MuP, Parametrization, ResNet
 from curvlab.preconditioning import lr_scales
@@ -173,7 +174,9 @@ def train_one(cfg: SweepConfig, par: str, width: int, depth: int, lr: float, see
     kind = "lr" if cfg.optimizer == "sgd" else "adam"
     with RunLogger(path, config, mode="w", env={"device": cfg.device}) as log:
         monitor = Monitor(model, mse, probe, log,
-                          [Loss(every=1), Sharpness(every=cfg.every, preconditioned=kind)],
+                          [Loss(every=1), Sharpness(every=cfg.every, preconditioned=kind),
+                           NTKSpectrum(every=cfg.every, k=4, size=64),
+                           FeatureSpeed(every=cfg.every)],
                           optimizer=opt, seed=seed)
         monitor.on_train_start()
         for step in range(1, cfg.steps + 1):

@@ -153,3 +153,23 @@ def test_ntk_errors() -> None:
         cl.ntk_eigenvalues(model, x, solver="lanczos")
     with pytest.raises(ValueError, match="y must be labels"):
         cl.kernel_alignment(torch.eye(3), torch.zeros(4))
+
+
+def test_structured_kernel_handles_scaled_and_custom_linear_layers():
+    """Linear subclasses: curvlab's ScaledLinear (c W h + b) is factorized with its multiplier;
+    a subclass with another forward falls back to per-example Jacobians. Both match the dense
+    Jacobian kernel."""
+
+    class Squared(torch.nn.Linear):
+        def forward(self, x):
+            return super().forward(x) ** 2
+
+    torch.manual_seed(0)
+    mup = cl.models.MLP(32, 3, cl.MuP(base_width=8), d_in=5, d_out=3).double()
+    custom = torch.nn.Sequential(Squared(5, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)).double()
+    x = torch.randn(7, 5, dtype=torch.float64)
+    for model in (mup, custom):
+        J = cl.testing.dense_jacobian(model, x)  # (n, k, P)
+        ref = torch.einsum("iap,jbp->ijab", J, J)  # (n, n, k, k)
+        K = cl.empirical_ntk(model, x, method="structured")
+        torch.testing.assert_close(K, ref, rtol=1e-10, atol=1e-12)

@@ -251,18 +251,27 @@ class HessianSpectrum(_HessianMeasurement):
 class NTKSpectrum(Measurement):
     """Empirical NTK on the probe's first batch (trace over outputs, ``(n, n)``): its top-``k``
     eigenvalues (``ntk_top``), alignment with the targets (``ntk_alignment``; class labels are
-    one-hot encoded) and distance from the first measured kernel (``ntk_distance_from_start``)."""
+    one-hot encoded) and distance from the first measured kernel (``ntk_distance_from_start``).
+    ``size`` keeps only the first ``size`` examples (the kernel costs ``size^2``). With the
+    Monitor's optimizer the kernel is LR-weighted, ``J D J^T`` with ``D = lr_scales`` (the kernel
+    of one step, ``df = -eta J D J^T grad_f L``; MATH.md section 4), so that per-layer learning
+    rates (muP) count; ``lr_weighted=False`` gives ``J J^T``."""
 
     name = "ntk"
 
-    def __init__(self, *, k: int = 10, **schedule: Any) -> None:
+    def __init__(self, *, k: int = 10, size: int | None = None, lr_weighted: bool = True,
+                 **schedule: Any) -> None:
         super().__init__(**schedule)
-        self.k = k
+        self.k, self.size, self.lr_weighted = k, size, lr_weighted
         self._first: torch.Tensor | None = None
 
     def measure(self, ctx: Context) -> list[Record]:
         x, y = ctx.first_batch
-        K = empirical_ntk(ctx.model, x, outputs="trace")  # (n, n)
+        if self.size is not None:
+            x, y = x[:self.size], y[:self.size]
+        scales = _scales("lr", ctx.optimizer, ctx.model, "NTKSpectrum") \
+            if self.lr_weighted and ctx.optimizer is not None else None
+        K = empirical_ntk(ctx.model, x, outputs="trace", scales=scales)  # (n, n)
         if not isinstance(K, torch.Tensor):  # per_layer=True is never asked for here
             raise TypeError("NTKSpectrum: expected one kernel tensor")
         k = min(self.k, K.shape[0])
