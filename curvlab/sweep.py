@@ -1,5 +1,8 @@
 """Width (and depth, LR) sweeps: train one run per configuration and log it with a Monitor.
 
+Models: ``mlp``, ``resnet``, ``convnet`` (inputs viewed as square one-channel images, e.g. the
+8x8 digits or the 4x4 teacher inputs) and ``transformer`` (inputs split into 4 tokens).
+
 The default job (``curvlab sweep`` with no flags) trains a 3-layer ReLU MLP at widths 64-512
 under muP and NTP with full-batch GD on a 512-point teacher-student task (MSE), logging the loss
 every step and, every 10 steps, the LR-preconditioned sharpness (with its EoS line ``2 / eta``), the
@@ -35,13 +38,13 @@ from torch import Tensor
 
 from curvlab.callbacks import FeatureSpeed, Loss, Monitor, NTKSpectrum, Sharpness
 from curvlab.hdf5 import RunLogger
-from curvlab.models import MLP, NTP, SP, MuP, Parametrization, ResNet
+from curvlab.models import MLP, NTP, SP, ConvNet, MuP, Parametrization, ResNet, Transformer
 from curvlab.preconditioning import lr_scales
 from curvlab.runs import load_run
 from curvlab.sharpness import sharpness
 from curvlab.testing import mse
 
-MODELS = ("mlp", "resnet")
+MODELS = ("mlp", "resnet", "convnet", "transformer")
 DATASETS = ("teacher", "mixture", "digits")
 PARAMETRIZATIONS = ("mup", "ntp", "sp")
 LR_FRACTION = 0.5
@@ -137,12 +140,44 @@ def parametrization(name: str, base_width: int, sigma: float) -> Parametrization
     return {"mup": MuP(base_width, sigma), "ntp": NTP(sigma=sigma), "sp": SP(sigma=sigma)}[name]
 
 
+class _Shaped(torch.nn.Module):
+    """Feeds flat inputs ``(n, d)`` to a ConvNet as square images ``(n, 1, s, s)`` or to a
+    Transformer as ``TOKENS`` tokens ``(n, TOKENS, d / TOKENS)``; keeps the inner model's
+    ``width``, ``depth`` and ``parametrization``."""
+
+    def __init__(self, inner: torch.nn.Module, shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.inner, self.shape = inner, shape
+        self.width, self.depth = inner.width, inner.depth
+        self.parametrization = inner.parametrization
+
+    def forward(self, x: Tensor) -> Tensor:  # x (n, d)
+        return self.inner(x.reshape(len(x), *self.shape))  # (n, d_out)
+
+
+TOKENS = 4
+
+
 def build_model(cfg: SweepConfig, par: str, width: int, depth: int, d_in: int, d_out: int,
                 seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
     p = parametrization(par, cfg.base, cfg.sigma)
-    cls = MLP if cfg.model == "mlp" else ResNet
-    return cls(width, depth, p, d_in=d_in, d_out=d_out).to(cfg.device)
+    model: torch.nn.Module
+    if cfg.model in ("mlp", "resnet"):
+        model = (MLP if cfg.model == "mlp" else ResNet)(width, depth, p, d_in=d_in, d_out=d_out)
+    elif cfg.model == "convnet":
+        side = math.isqrt(d_in)
+        if side * side != d_in:
+            raise ValueError(f"sweep: model 'convnet' needs square images; inputs have {d_in} "
+                             "features")
+        model = _Shaped(ConvNet(width, depth, p, in_channels=1, d_out=d_out), (1, side, side))
+    else:
+        if d_in % TOKENS:
+            raise ValueError(f"sweep: model 'transformer' splits inputs into {TOKENS} tokens; "
+                             f"{d_in} features do not divide")
+        model = _Shaped(Transformer(width, depth, p, d_in=d_in // TOKENS, d_out=d_out),
+                        (TOKENS, d_in // TOKENS))
+    return model.to(cfg.device)
 
 
 def auto_lr(cfg: SweepConfig, par: str, depth: int, x: Tensor, y: Tensor) -> float:

@@ -118,3 +118,20 @@ def test_lr_transfer_mup_keeps_its_optimum_sp_does_not(tmp_path, capsys):
     assert max(steps["mup"]) - min(steps["mup"]) <= 1, steps
     assert max(steps["sp"]) - min(steps["sp"]) >= 2, steps
     assert (out / "lr_sweep.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("model", ["resnet", "convnet", "transformer"])
+def test_every_reference_model_sweeps(tmp_path, capsys, model):
+    out = tmp_path / model
+    assert main(["sweep", "--model", model, "--depths", "2", "--out", str(out), *TINY]) == 0
+    runs = cl.load_runs(str(out / "runs" / "*.h5"))
+    assert len(runs) == 4 and all(r.config["model"] == model for r in runs)
+    assert all(r["ntk_top"].value.shape[0] == 3 for r in runs)
+
+
+def test_convnet_needs_square_inputs(tmp_path):
+    x, y = np.zeros((8, 6)), np.zeros((8, 2))
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    with pytest.raises(ValueError, match="model 'convnet' needs square images; inputs have 6"):
+        run_sweep(SweepConfig(model="convnet", dataset=str(tmp_path / "d.npz"), widths=(8,),
+                              seeds=(0,), steps=1), tmp_path / "o", progress=False)
