@@ -121,39 +121,6 @@ class MLP(nn.Sequential):
         super().__init__(*hidden, nn.Linear(width, d_out, bias))
 
 
-class ResidualBlock(nn.Module):
-    """``h + scale * W act(h)``: a one-layer residual branch scaled by ``scale``."""
-
-    def __init__(self, width: int, scale: float = 1.0, act: type = nn.ReLU, bias: bool = True):
-        super().__init__()
-        self.scale, self.act, self.linear = scale, act(), nn.Linear(width, width, bias)
-
-    def forward(self, h: Tensor) -> Tensor:  # h (n, width)
-        return h + self.scale * self.linear(self.act(h))  # (n, width)
-
-
-class ResidualMLP(nn.Module):
-    """``stem -> depth residual blocks (branch scale branch_scale) -> head``, on ``(n, d_in)``.
-
-    With ``branch_scale = 1 / sqrt(depth)`` the residual stream stays of order one at any depth
-    (Hayou et al. 2021, arXiv:2105.01189; Bordelon et al. 2023, arXiv:2309.16620).
-    """
-
-    def __init__(self, d_in: int = 6, width: int = 10, d_out: int = 3, *, depth: int = 2,
-                 branch_scale: float = 1.0, act: type = nn.ReLU, bias: bool = True):
-        super().__init__()
-        self.stem = nn.Linear(d_in, width, bias)
-        self.blocks = nn.ModuleList(ResidualBlock(width, branch_scale, act, bias)
-                                    for _ in range(depth))
-        self.head = nn.Linear(width, d_out, bias)
-
-    def forward(self, x: Tensor) -> Tensor:  # x (n, d_in)
-        h = self.stem(x)  # (n, width)
-        for block in self.blocks:
-            h = block(h)  # (n, width), the residual stream
-        return self.head(h)  # (n, d_out)
-
-
 class SmallCNN(nn.Module):
     """Two 3x3 convolutions on ``(n, 1, 8, 8)`` images, then a linear head to ``d_out``."""
 

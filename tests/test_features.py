@@ -13,7 +13,8 @@ from torch import nn
 
 import curvlab as cl
 from curvlab import layers as L
-from curvlab.testing import MLP, ResidualMLP, SmallCNN, TinyTransformer, make_case, mse
+from curvlab.models import ResNet
+from curvlab.testing import MLP, SmallCNN, TinyTransformer, make_case, mse
 
 TOL = 1e-10
 
@@ -33,7 +34,7 @@ def _model_case(name: str):
         model, loss, batch = MLP(act=nn.ReLU), mse, (_rand(12, 6), _rand(12, 3, seed=1))
         expected = ("0", "2", "4")
     elif name == "resnet":
-        model = ResidualMLP(6, 10, 3, depth=3, branch_scale=0.5)
+        model = ResNet(10, 3, cl.SP(), branch_scale=0.5, d_in=6, d_out=3)
         loss, batch = mse, (_rand(12, 6), _rand(12, 3, seed=1))
         expected = ("stem", "blocks.0", "blocks.1", "blocks.2", "head")
     elif name == "cnn":
@@ -174,7 +175,7 @@ def _depth_model(kind: str, depth: int, seed: int) -> nn.Module:
         model: nn.Module = MLP(64, 512, 10, nn.ReLU, depth=depth, bias=False)
     else:
         scale = 1 / math.sqrt(depth) if kind == "resnet_scaled" else 1.0
-        model = ResidualMLP(64, 512, 10, depth=depth, branch_scale=scale, bias=False)
+        model = ResNet(512, depth, cl.SP(), branch_scale=scale, d_in=64, d_out=10, bias=False)
     for m in model.modules():
         if isinstance(m, nn.Linear):
             nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
