@@ -222,9 +222,11 @@ def make_hvp_revrev(
     def product(V: Tensor) -> Tensor:
         # One contiguous column at a time: a copy of P entries per vector, about 4x cheaper on
         # CPU than transposing the whole (P, m) block first (measured at P = 670k, m = 8).
-        out = V.new_zeros(V.shape[1], V.shape[0])  # (m, P)
         m = V.shape[1]
-        for j in range(m if live else 0):
+        if not live:  # the loss does not depend on the parameters: H = 0
+            return V.new_zeros(V.shape)
+        out = V.new_empty(m, V.shape[0])  # (m, P), every row written below
+        for j in range(m):
             vs = layout.unravel(V[:, j].contiguous())
             hv = torch.autograd.grad(
                 out_grads,
