@@ -138,16 +138,17 @@ class SmallCNN(nn.Module):
 
 class TransformerBlock(nn.Module):
     """A pre-LayerNorm block: causal self-attention via ``F.scaled_dot_product_attention`` and an
-    MLP, both residual. Acts on the residual stream ``(n, T, d_model)``."""
+    MLP of width ``mlp_ratio * d_model`` (GPT-2 uses 4), both residual. Acts on the residual
+    stream ``(n, T, d_model)``."""
 
-    def __init__(self, d_model: int = 8, heads: int = 2):
+    def __init__(self, d_model: int = 8, heads: int = 2, mlp_ratio: int = 2):
         super().__init__()
         self.heads = heads
         self.ln1, self.ln2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.proj = nn.Linear(d_model, d_model)
-        self.mlp = nn.Sequential(nn.Linear(d_model, 2 * d_model), nn.GELU(),
-                                 nn.Linear(2 * d_model, d_model))
+        self.mlp = nn.Sequential(nn.Linear(d_model, mlp_ratio * d_model), nn.GELU(),
+                                 nn.Linear(mlp_ratio * d_model, d_model))
 
     def forward(self, h: Tensor) -> Tensor:  # h (n, T, d)
         n, T, d = h.shape
