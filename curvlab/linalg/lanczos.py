@@ -70,7 +70,11 @@ class KrylovBasis:
         self.beta: list[float] = []
         self.next_q: Tensor | None = q0 / q0.norm()  # (P,)
         self.scale = 0.0  # running estimate of ||A||
-        self.breakdown_tol = 100 * torch.finfo(matvec.A.dtype).eps
+        # beta below this fraction of ||A|| is a breakdown: 100 eps for float32 and float64;
+        # for bfloat16 and float16, whose eps is large (8e-3, 1e-3), 0.5 sqrt(eps) (about 6 and
+        # 16 eps), still well above the rounding of one product.
+        eps = torch.finfo(matvec.A.dtype).eps
+        self.breakdown_tol = min(100 * eps, 0.5 * math.sqrt(eps))
 
     @property
     def m(self) -> int:

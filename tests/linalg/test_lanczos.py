@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from cases import case, hessian
@@ -135,6 +137,25 @@ def test_float32_operator_keeps_float64_arithmetic() -> None:
     res = cl.lanczos(A, 1, tol=1e-5, generator=torch.Generator().manual_seed(0))
     assert res.eigenvectors.dtype == torch.float32 and res.eigenvalues.dtype == torch.float64
     assert abs(res.eigenvalues.item() - 2.0) <= 1e-5 * 2.0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_bfloat16_hessian_products_with_float64_lanczos(seed: int) -> None:
+    """bfloat16 HVPs (eps 8e-3) through float64 Lanczos arithmetic: top-3 at tol 1e-2."""
+    torch.manual_seed(seed)
+    model = cl.testing.MLP(d_in=6, width=32, d_out=3).double().eval()
+    x, y = torch.randn(64, 6, dtype=torch.float64), torch.randint(0, 3, (64,))
+    loss = torch.nn.CrossEntropyLoss()
+    H = cl.HessianOperator(model, loss, (x, y))
+    low = copy.deepcopy(model).to(torch.bfloat16)
+    Hb = cl.HessianOperator(low, loss, (x.to(torch.bfloat16), y))
+    v = torch.randn(H.shape[0], dtype=torch.float64)
+    torch.testing.assert_close((Hb @ v.to(torch.bfloat16)).double(), H @ v, rtol=0,
+                               atol=3e-2 * (H @ v).abs().max().item())
+    expected = torch.linalg.eigvalsh(cl.testing.dense_hessian(model, loss, (x, y)))
+    res = cl.lanczos(Hb, 3, tol=1e-2, generator=torch.Generator().manual_seed(0))
+    assert res.converged and res.eigenvalues.dtype == torch.float64
+    torch.testing.assert_close(res.eigenvalues, expected.flip(0)[:3], rtol=1e-2, atol=0)
 
 
 def test_sharpness_matches_dense_top_eigenvalue() -> None:
