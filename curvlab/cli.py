@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import sys
 import time
@@ -179,6 +180,26 @@ def lr_report(runs: Sequence[Any], last: int = 10) -> str:
     return "\n".join(lines) + "\n"
 
 
+BENCHMARKS = {"hvp": "compare_hvp.py", "eigs": "compare_eigs.py"}
+
+
+def bench(which: str, options: list[str]) -> None:
+    """Run ``benchmarks/<BENCHMARKS[which]>`` of the source checkout with ``options``."""
+    folder = Path(__file__).resolve().parent.parent / "benchmarks"
+    script = folder / BENCHMARKS[which]
+    if not script.is_file():
+        raise FileNotFoundError(f"{script} not found: the benchmarks live in the repository, "
+                                "not in the installed package; clone it and `pip install -e .`")
+    sys.path.insert(0, str(folder))  # the scripts import their shared helpers (hvp.py)
+    try:
+        spec = importlib.util.spec_from_file_location(f"_curvlab_bench_{which}", script)
+        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+        module.main(options)
+    finally:
+        sys.path.remove(str(folder))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="curvlab", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -219,8 +240,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_report.add_argument("runs", nargs="+", help="run files (or quoted globs)")
     p_inspect = sub.add_parser("inspect", help="print a run file's config and metrics summary")
     p_inspect.add_argument("run", help="path of an HDF5 run file")
+    p_bench = sub.add_parser("bench", help="side-by-side benchmarks against PyHessian, "
+                             "curvlinops and hessian-eigenthings (needs a source checkout)")
+    p_bench.add_argument("which", choices=sorted(BENCHMARKS), help="hvp: product time, "
+                         "memory; eigs: products to the top eigenvalues")
+    p_bench.add_argument("options", nargs=argparse.REMAINDER,
+                         help="passed on, e.g. --quick, --device cuda, --dtype bfloat16")
     args = parser.parse_args(argv)
-    if args.command == "demo":
+    if args.command == "bench":
+        try:
+            bench(args.which, args.options)
+        except FileNotFoundError as err:
+            print(f"curvlab bench: {err}", file=sys.stderr)
+            return 2
+    elif args.command == "demo":
         demo(args.steps, args.lr, args.width, args.seed)
     elif args.command in ("sweep", "plot", "report"):
         try:
