@@ -1,0 +1,86 @@
+"""`curvlab bench hvp|eigs`: the side-by-side front ends over benchmarks/, on quick settings."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from curvlab import cli
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+import compare_hvp  # noqa: E402
+
+QUICK = argparse.Namespace(quick=True, dtype="float32", repeats=2, warmup=1, no_memory=True)
+
+
+def test_bench_hvp_checks_times_and_measures_every_installed_library(tmp_path, capsys) -> None:
+    out = tmp_path / "hvp.json"
+    assert cli.main(["bench", "hvp", "--quick", "--models", "transformer",
+                     "--out", str(out)]) == 0
+    r = json.loads(out.read_text())["models"]["transformer"]
+    have = compare_hvp.installed()
+    checked = {"double backward", *(lib for lib in compare_hvp.LIBRARIES if have[lib])}
+    assert set(r["float64_relative_difference"]) == checked
+    assert r["missing"] == [lib for lib in compare_hvp.LIBRARIES if not have[lib]]
+    agreeing = {k for k, d in r["float64_relative_difference"].items() if d <= compare_hvp.AGREE}
+    assert {"double backward", "PyHessian", "hessian-eigenthings"} & checked <= agreeing
+    timed = {"gradient", "curvlab (default)", *agreeing}
+    assert set(r["seconds_per_product"]) == timed | {"curvlab (default) H @ V, m=8"}
+    assert all(t > 0 for t in r["seconds_per_product"].values())
+    assert set(r["peak_memory_bytes"]) == timed
+    memory = r["peak_memory_bytes"]
+    assert memory["curvlab (default)"] > memory["gradient"] > 0  # the kept graph costs memory
+    assert "| transformer d=64" in capsys.readouterr().out
+
+
+def test_a_library_that_disagrees_is_reported_and_not_timed(monkeypatch) -> None:
+    def wrong(model, crit, x, y, v):  # curvlab's product, 0.1% off
+        product = compare_hvp.curvlab_default(model, crit, x, y, v)
+        return lambda: 1.001 * product()
+
+    monkeypatch.setitem(compare_hvp.BUILDERS, "PyHessian", wrong)
+    monkeypatch.setattr(compare_hvp, "installed", lambda: {
+        "PyHessian": True, "curvlinops": False, "hessian-eigenthings": False})
+    r = compare_hvp.bench_model("transformer", QUICK, compare_hvp.torch.device("cpu"))
+    assert r["float64_relative_difference"]["PyHessian"] == pytest.approx(1e-3, rel=1e-6)
+    assert "PyHessian" not in r["seconds_per_product"]
+    assert r["fastest_library"] is None and r["curvlab_over_fastest_library"] is None
+    result = {"settings": {"dtype": "float32", "repeats": 2}, "models": {"transformer": r},
+              "environment": compare_hvp.environment(compare_hvp.torch.device("cpu"))}
+    assert "| | PyHessian | NO (1e-03): not timed |" in compare_hvp.markdown(result)
+
+
+def test_missing_libraries_are_reported_not_an_error(monkeypatch) -> None:
+    monkeypatch.setattr(compare_hvp, "installed", lambda: dict.fromkeys(compare_hvp.LIBRARIES,
+                                                                        False))
+    r = compare_hvp.bench_model("transformer", QUICK, compare_hvp.torch.device("cpu"))
+    assert r["missing"] == list(compare_hvp.LIBRARIES)
+    assert set(r["seconds_per_product"]) == {"gradient", "curvlab (default)", "double backward",
+                                             "curvlab (default) H @ V, m=8"}
+    result = {"settings": {"dtype": "float32", "repeats": 2}, "models": {"transformer": r},
+              "environment": compare_hvp.environment(compare_hvp.torch.device("cpu"))}
+    assert "| | curvlinops | not installed |" in compare_hvp.markdown(result)
+
+
+def test_bench_eigs_reaches_the_reference_with_fewer_products(tmp_path) -> None:
+    out = tmp_path / "eigs.json"
+    assert cli.main(["bench", "eigs", "--quick", "--models", "transformer",
+                     "--out", str(out)]) == 0
+    r = json.loads(out.read_text())["models"]["transformer"]
+    ours = r["solvers"]["curvlab (default)"]
+    assert ours["k=1"]["reached"] and ours["k=5"]["reached"]
+    assert ours["k=1"]["error"] <= 1e-4  # the default tol of sharpness
+    assert r["target"]["pass"], r["target"]
+    for cells in r["solvers"].values():
+        assert {"k=1", "k=5"} <= set(cells)
+
+
+def test_bench_outside_a_source_checkout_says_what_to_do(monkeypatch, capsys) -> None:
+    monkeypatch.setitem(cli.BENCHMARKS, "hvp", "no_such_script.py")
+    assert cli.main(["bench", "hvp", "--quick"]) == 2
+    assert "not in the installed package; clone it" in capsys.readouterr().err
