@@ -28,7 +28,7 @@ import torch
 from scipy.sparse.linalg import LinearOperator
 from torch import Tensor, nn
 
-from curvlab import func
+from curvlab import distributed, func
 from curvlab.func import ParamLayout, Product
 
 Batch = tuple[Any, Any]
@@ -59,6 +59,11 @@ class OperatorBase:
             raise ValueError(f"{call}: expected a tensor on {self.device} (the model's device), "
                              f"got one on {v.device}; move it with v.to('{self.device}')")
         return v if v.ndim == 2 else v[:, None]
+
+    def broadcast(self, t: Tensor) -> Tensor:
+        """``t`` as the first rank of the operator's process group holds it (``linalg`` draws its
+        random vectors through this, so that every rank starts alike); unchanged in one process."""
+        return t
 
     def to_scipy(self) -> LinearOperator:
         """This operator as a ``scipy.sparse.linalg.LinearOperator`` (numpy in, numpy out)."""
@@ -117,10 +122,35 @@ class _CurvatureOperator(OperatorBase):
         reuse_graph: bool | None = None,
         allow_train_mode: bool = False,
         seed: int = 0,
+        group: Any = None,
     ) -> None:
         name = type(self).__name__
         if not isinstance(model, nn.Module):
             raise TypeError(f"{name}: model must be a torch.nn.Module, got {type(model).__name__}")
+        model, ddp_group = distributed.unwrap(model)
+        group = ddp_group if group is None else group
+        self._shards: distributed.Shards | None = None
+        if distributed.is_active(group):
+            first = next(model.parameters(), None)
+            self._shards = distributed.Shards(group, first.device if first is not None
+                                              else torch.device("cpu"))
+            error: Exception | None = None
+            try:
+                self._setup(name, model, loss_fn, data, params, method, reuse_graph,
+                            allow_train_mode, seed)
+            except Exception as err:  # re-raised by check(), after every rank learns of it
+                error = err
+            count = self._local_count() if error is None else 0
+            chosen = self._primals if error is None else {}
+            self._shards.check(name, count, chosen, error)
+            self._count = count
+            return
+        self._setup(name, model, loss_fn, data, params, method, reuse_graph, allow_train_mode,
+                    seed)
+
+    def _setup(self, name: str, model: nn.Module, loss_fn: Callable[[Any, Any], Tensor],
+               data: Any, params: Iterable[str] | None, method: str, reuse_graph: bool | None,
+               allow_train_mode: bool, seed: int) -> None:
         if not callable(loss_fn):
             raise TypeError(f"{name}: loss_fn must be callable as loss_fn(outputs, targets)")
         if method not in METHODS:
@@ -156,9 +186,21 @@ class _CurvatureOperator(OperatorBase):
         self._name = name
         if self.reuse_graph:  # build (and validate) the kept graphs now
             for i, batch in enumerate(self._batches):
-                self._product(i, batch)
-        if not self._cache and next(iter(self._batches), None) is None:
+                if self._shards is None or func.batch_size(batch[0]) > 0:
+                    self._product(i, batch)
+        if not self._cache and next(iter(self._batches), None) is None and self._shards is None:
             raise ValueError(f"{name}: data holds no batches; pass at least one (inputs, targets)")
+
+    def _local_count(self) -> int:
+        """Examples on this rank: the sum of its batch sizes (0 for an empty shard)."""
+        count = 0
+        for batch in self._batches:
+            inputs = batch[0] if isinstance(batch, tuple | list) and len(batch) == 2 else None
+            count += func.batch_size(inputs) if inputs is not None else 0
+        return count
+
+    def broadcast(self, t: Tensor) -> Tensor:
+        return t if self._shards is None else self._shards.broadcast(t)
 
     @property
     def param_names(self) -> tuple[str, ...]:
@@ -202,6 +244,13 @@ class _CurvatureOperator(OperatorBase):
     def __matmul__(self, v: Tensor) -> Tensor:
         call = f"{self._name} @ v"
         V = self._check_vectors(v, call)  # (P, m)
+        if self._shards is not None:
+            mean = self._shards.mean(self._local_sum(V), self._count)  # (P, m)
+            if not torch.isfinite(mean).all():
+                raise ValueError(f"{call}: the product is not finite; the loss or its derivatives "
+                                 "overflow on some rank's data (try float64 or check the inputs)")
+            self.num_matvecs += V.shape[1]
+            return mean if v.ndim == 2 else mean[:, 0]
         total: Tensor | None = None
         first = count = 0
         for index, batch in enumerate(self._batches):
@@ -224,6 +273,16 @@ class _CurvatureOperator(OperatorBase):
             total /= count  # sum_b n_b (H_b V) / N
         self.num_matvecs += V.shape[1]
         return total if v.ndim == 2 else total[:, 0]
+
+
+    def _local_sum(self, V: Tensor) -> Tensor:
+        """``sum_b n_b (H_b V)`` over this rank's batches ``(P, m)``; zeros for an empty shard."""
+        total = torch.zeros_like(V)  # (P, m)
+        for index, batch in enumerate(self._batches):
+            n = func.batch_size(batch[0])
+            if n > 0:
+                total.add_(self._product(index, batch)(V), alpha=n)
+        return total
 
 
 class HessianOperator(_CurvatureOperator):
@@ -249,6 +308,11 @@ class HessianOperator(_CurvatureOperator):
         allow_train_mode: measure the train-mode loss: BatchNorm uses batch statistics (its
             running statistics are never written) and Dropout replays one fixed mask per batch.
         seed: the RNG seed for those masks (batch ``i`` uses ``seed + i``).
+        group: a ``torch.distributed`` process group whose ranks each hold a shard of the data;
+            default: the group of a ``DistributedDataParallel`` model, else the default group
+            when one is initialized with more than one rank. The operator is then the Hessian of
+            the mean loss over every rank's examples (:mod:`curvlab.distributed`); construction
+            and every product are collective: call them on every rank of the group.
 
     The operator is the Hessian at the parameter values of its construction (a snapshot). Products
     leave the model's modes, parameters, buffers and the global RNG state as they were.

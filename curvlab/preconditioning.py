@@ -51,6 +51,9 @@ class Preconditioned(OperatorBase):
     def num_matvecs(self) -> int:  # type: ignore[override]
         return int(getattr(self.A, "num_matvecs", 0))
 
+    def broadcast(self, t: Tensor) -> Tensor:
+        return self.A.broadcast(t) if hasattr(self.A, "broadcast") else t
+
     def __matmul__(self, v: Tensor) -> Tensor:
         V = self._check_vectors(v, "preconditioned(A, d) @ v")  # (P, m)
         s = self._sqrt_d[:, None]  # (P, 1)

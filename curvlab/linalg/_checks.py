@@ -24,13 +24,20 @@ def random_vectors(P: int, m: int, A: Any, generator: torch.Generator | None,
     """``(P, m)`` float64 probe vectors on A's device: standard normal or Rademacher.
 
     Drawn on the CPU from ``generator`` (or the global generator) so results do not depend on the
-    device.
+    device; a distributed operator's ranks all use rank 0's draw.
     """
     if kind == "normal":
         Z = torch.randn(P, m, generator=generator, dtype=torch.float64)
     else:
         Z = torch.randint(0, 2, (P, m), generator=generator).to(torch.float64) * 2 - 1
-    return Z.to(A.device)  # (P, m)
+    return synced(Z.to(A.device), A)  # (P, m)
+
+
+def synced(t: Tensor, A: Any) -> Tensor:
+    """``t`` as the first rank of ``A``'s process group holds it, when ``A`` is distributed
+    (``A.broadcast``), so that every rank starts from the same vectors."""
+    broadcast = getattr(A, "broadcast", None)
+    return broadcast(t) if callable(broadcast) else t
 
 
 class Matvec:

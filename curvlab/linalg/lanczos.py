@@ -48,7 +48,7 @@ import torch
 from scipy.linalg import eigh_tridiagonal
 from torch import Tensor
 
-from curvlab.linalg._checks import Matvec, check_operator, random_vectors
+from curvlab.linalg._checks import Matvec, check_operator, random_vectors, synced
 from curvlab.linalg.results import ConvergenceError, EigResult
 
 WHICH = ("LA", "SA", "LM", "BE")
@@ -174,7 +174,7 @@ def start_vector(v0: Tensor | None, P: int, A: Any, generator: torch.Generator |
     q = (v0 if v0.ndim == 1 else v0.sum(dim=1)).to(device=A.device, dtype=torch.float64)  # (P,)
     if not torch.isfinite(q).all() or float(q.norm()) == 0.0:
         raise ValueError(f"{call}: v0 must be finite and nonzero")
-    return q
+    return synced(q, A)
 
 
 def check_arguments(P: int, k: int, tol: float, call: str) -> None:

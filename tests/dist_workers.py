@@ -1,0 +1,126 @@
+"""Process bodies for tests/test_distributed.py, spawned with torch.multiprocessing (gloo, CPU).
+
+Each rank holds a contiguous shard of a zoo case's examples, of unequal size (weights 1 : 2 : 3),
+itself split into two batches of unequal size; results are saved per rank for the parent test.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.utils._pytree import tree_map
+
+import curvlab as cl
+from curvlab.testing import make_case
+
+CASES = ("mlp_tanh", "cnn", "transformer", "batchnorm", "dict_input")
+GGN_CASES = ("mlp_tanh", "cnn", "transformer")
+
+
+def generator(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def rows(data: Any, start: int, stop: int) -> Any:
+    return tree_map(lambda t: t[start:stop], data)
+
+
+def shard(data: tuple[Any, Any], rank: int, world: int) -> list[tuple[Any, Any]]:
+    """Rank ``rank``'s batches: a shard of weight ``rank + 1``, split 1 : 2 into two batches."""
+    n = cl.func.batch_size(data[0])
+    total = world * (world + 1) // 2
+    cuts = [round(n * sum(range(1, r + 1)) / total) for r in range(world + 1)]  # (world + 1,)
+    lo, hi = cuts[rank], cuts[rank + 1]
+    mid = lo + max(1, (hi - lo) // 3) if hi - lo > 1 else hi
+    return [rows(data, a, b) for a, b in ((lo, mid), (mid, hi)) if b > a]
+
+
+def vectors(P: int) -> torch.Tensor:
+    return torch.randn(P, 3, generator=generator(1), dtype=torch.float64)  # (P, 3)
+
+
+def measure(name: str, data: Any) -> dict[str, Any]:
+    """Every collective estimator on the case with ``data`` (this rank's batches, or all)."""
+    c = make_case(name)
+    H = cl.HessianOperator(c.model, c.loss_fn, data)
+    V = vectors(H.shape[0])
+    out: dict[str, Any] = {"Hv": H @ V[:, 0], "HV": H @ V}
+    if name in GGN_CASES:
+        out["GV"] = cl.GGNOperator(c.model, c.loss_fn, data) @ V
+    out["lanczos5"] = cl.lanczos(H, 5, tol=1e-10, generator=generator()).eigenvalues
+    density = cl.spectral_density(H, num_probes=2, num_iters=8, generator=generator())
+    out["slq_nodes"], out["slq_weights"] = density.nodes, density.weights
+    out["trace"] = torch.tensor(cl.hutchinson_trace(H, 4, generator=generator())
+                                .estimate)
+    torch.manual_seed(dist.get_rank() if dist.is_initialized() else 0)  # differs per rank:
+    out["unseeded"] = cl.lanczos(H, 2, tol=1e-10).eigenvalues  # rank 0's start vector is used
+    out["sharpness"] = torch.tensor(cl.sharpness(c.model, c.loss_fn, data, tol=1e-10,
+                                                 generator=generator()))
+    return out
+
+
+def check_errors(rank: int, world: int) -> None:
+    """The clear errors, raised on every rank alike (no rank left waiting)."""
+    c = make_case("mlp_tanh")
+    data = shard(c.data, rank, world)
+    perturbed = make_case("mlp_tanh").model
+    if rank == world - 1:
+        with torch.no_grad():
+            perturbed[2].weight[0, 0] += 1e-9
+    with pytest.raises(ValueError, match=r"parameter '2.weight' differs between rank 0 and "
+                       rf"rank\(s\) \[{world - 1}\]"):
+        cl.HessianOperator(perturbed, c.loss_fn, data)
+    with pytest.raises(ValueError, match=rf"rank\(s\) \[{world - 1}\] hold an empty shard"):
+        cl.HessianOperator(c.model, c.loss_fn, [] if rank == world - 1 else data)
+    params = ["0.weight"] if rank == 1 else None
+    with pytest.raises(ValueError, match="the ranks disagree on the vector size P"):
+        cl.HessianOperator(c.model, c.loss_fn, data, params=params)
+    x, y = data[0]  # one batch: its graph is built, and the loss evaluated, at construction
+    bad = (x, y[:, :2]) if rank == 0 else (x, y)  # a shape error on rank 0 only
+    expected = (RuntimeError, "must match") if rank == 0 else (
+        ValueError, r"failed on rank\(s\) \[0\]")
+    with pytest.raises(expected[0], match=expected[1]):
+        cl.HessianOperator(c.model, c.loss_fn, bad)
+
+
+def check_ddp(rank: int, world: int) -> dict[str, Any]:
+    """A DDP-wrapped model: its .module is used; a product leaves DDP's training unaffected."""
+    c = make_case("mlp_tanh")
+    data = shard(c.data, rank, world)
+    ddp = torch.nn.parallel.DistributedDataParallel(c.model)
+    H = cl.HessianOperator(ddp, c.loss_fn, data)
+    hv = H @ vectors(H.shape[0])[:, 0]
+    assert all(p.grad is None for p in ddp.parameters())  # no gradient hook has fired
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    x = torch.cat([b[0] for b in data])
+    y = torch.cat([b[1] for b in data])
+    c.loss_fn(ddp(x), y).backward()  # DDP's own all-reduce still works after the products
+    opt.step()
+    return {"ddp_Hv": hv, "after_step": torch.cat([p.detach().reshape(-1)
+                                                   for p in ddp.parameters()])}
+
+
+def worker(rank: int, world: int, folder: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank,
+                            world_size=world)
+    try:
+        results = {name: measure(name, shard(make_case(name).data, rank, world))
+                   for name in CASES}
+        results["ddp"] = check_ddp(rank, world)
+        check_errors(rank, world)
+        torch.save(results, Path(folder) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(world: int, folder: Path) -> list[dict[str, Any]]:
+    """Run :func:`worker` on ``world`` gloo processes; return every rank's results."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.multiprocessing.spawn(worker, args=(world, str(folder)), nprocs=world, join=True)
+    return [torch.load(folder / f"rank{r}.pt") for r in range(world)]
