@@ -1,4 +1,4 @@
-"""Overlay figures of logged metrics across widths (matplotlib, Agg backend).
+"""Overlay figures of logged metrics across widths (matplotlib).
 
 ``plot_overlay(runs, metric="sharpness_lr", hue="width", col="parametrization")`` draws one
 panel per ``col`` value and one line per ``hue`` value (a sequential colormap: darker = wider),
@@ -25,11 +25,8 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
-import matplotlib
-import matplotlib.ticker
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import matplotlib.ticker
 import numpy as np
 from matplotlib.figure import Figure
 
