@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
-from curvlab import func
+from curvlab import distributed, func
 from curvlab.operators import OperatorBase, select_params
 
 OUTPUTS = ("full", "trace", "diagonal")
@@ -307,6 +307,7 @@ def empirical_ntk(
     scales: Tensor | None = None,
     chunk_size: int | None = None,
     per_layer: bool = False,
+    group: Any = None,
 ) -> Tensor | dict[str, Tensor]:
     """The empirical NTK ``J(x1) D J(x2)^T`` of ``model`` (see the module docstring).
 
@@ -320,7 +321,40 @@ def empirical_ntk(
         scales: ``d (P,)`` for the LR-weighted kernel ``J D J^T`` (``cl.lr_scales``).
         chunk_size: examples (jacobian) or columns (ntvp) per vmap call, to bound memory.
         per_layer: return a dict of kernels by module (its parameters), summing to the whole.
+        group: a ``torch.distributed`` process group (default: a DDP model's, else the default
+            group when initialized with several ranks). Each rank passes its shard as ``x1``
+            (``x2`` must be None); the inputs are gathered, each rank computes its rows of the
+            kernel over all examples, and every rank returns the whole kernel, rows in rank
+            order. Collective: call it on every rank.
     """
+    model, ddp_group = distributed.unwrap(model)
+    group = ddp_group if group is None else group
+    kwargs = {"outputs": outputs, "method": method, "params": params, "scales": scales,
+              "chunk_size": chunk_size, "per_layer": per_layer}
+    if not distributed.is_active(group):
+        return _local_ntk(model, x1, x2, **kwargs)  # type: ignore[arg-type]
+    call = "empirical_ntk"
+    if x2 is not None:
+        raise ValueError(f"{call}: with a process group each rank passes only its shard as x1 "
+                         "(the kernel is over every rank's examples); x2 must be None")
+    chosen = select_params(model, params, call)
+    shards = distributed.Shards(group, next(iter(chosen.values())).device)
+    x_all = _tree_map(shards.all_gather_rows, x1)
+    rows: Tensor | dict[str, Tensor] | None = None
+    error: Exception | None = None
+    try:
+        rows = _local_ntk(model, x1, x_all, **kwargs)  # type: ignore[arg-type]
+    except Exception as err:  # re-raised by check(), after every rank learns of it
+        error = err
+    shards.check(call, func.batch_size(x1), chosen, error)
+    if isinstance(rows, dict):
+        return {g: shards.all_gather_rows(K) for g, K in rows.items()}
+    return shards.all_gather_rows(_as_tensor(rows))  # type: ignore[arg-type]
+
+
+def _local_ntk(model: nn.Module, x1: Any, x2: Any, *, outputs: str, method: str,
+               params: Iterable[str] | None, scales: Tensor | None, chunk_size: int | None,
+               per_layer: bool) -> Tensor | dict[str, Tensor]:
     call = "empirical_ntk"
     if outputs not in OUTPUTS:
         raise ValueError(f"{call}: outputs must be one of {OUTPUTS}, got {outputs!r}")
@@ -331,9 +365,9 @@ def empirical_ntk(
         for n in select_params(model, params, call):
             groups.setdefault(n.rpartition(".")[0], []).append(n)
         full = select_params(model, params, call)
-        return {g: _as_tensor(empirical_ntk(
+        return {g: _as_tensor(_local_ntk(
             model, x1, x2, outputs=outputs, method=method, params=names, chunk_size=chunk_size,
-            scales=None if scales is None else _subset(scales, full, names)))
+            scales=None if scales is None else _subset(scales, full, names), per_layer=False))
             for g, names in groups.items()}
     s = _Setup(model, x1, x2, params, scales, call)
     if method == "auto":
@@ -366,13 +400,23 @@ class NTKOperator(OperatorBase):
     """
 
     def __init__(self, model: nn.Module, x: Any, *, params: Iterable[str] | None = None,
-                 scales: Tensor | None = None) -> None:
+                 scales: Tensor | None = None, group: Any = None) -> None:
+        model, ddp_group = distributed.unwrap(model)
+        group = ddp_group if group is None else group
         self._s = s = _Setup(model, x, None, params, scales, "NTKOperator")
         n = func.batch_size(x)
         self.n, self.k = n, s.k
         self.shape = (n * s.k, n * s.k)
         self.dtype, self.device = s.dtype, s.device
         self.num_matvecs = 0
+        self._shards: distributed.Shards | None = None
+        if distributed.is_active(group):  # rows of every rank: (N k, N k)
+            self._shards = distributed.Shards(group, s.device)
+            self._shards.check("NTKOperator", n, s.params, None)
+            counts = self._shards.all_gather_rows(torch.tensor([n], device=s.device))  # (R,)
+            rank = torch.distributed.get_rank(group)
+            self._rows = slice(int(counts[:rank].sum()) * s.k, int(counts[:rank + 1].sum()) * s.k)
+            self.shape = (int(counts.sum()) * s.k,) * 2
 
         def f(p: dict[str, Tensor]) -> Tensor:
             return functional_call(s.model, {**s.frozen, **p}, (s.x1,))  # (n, k)
@@ -381,8 +425,36 @@ class NTKOperator(OperatorBase):
         with s.context():
             self._pullback = vjp(f, s.params)[1]
 
+    def broadcast(self, t: Tensor) -> Tensor:
+        return t if self._shards is None else self._shards.broadcast(t)
+
+    def _sharded(self, V: Tensor) -> Tensor:
+        """``J (D (J^T V))`` with ``J^T V`` summed over the ranks and the rows gathered."""
+        s, shards = self._s, self._shards
+        assert shards is not None
+
+        def pull(c: Tensor) -> Tensor:  # c (n k,) -> J_r^T c (P,)
+            (u,) = self._pullback(c.view(self.n, self.k))
+            return s.layout.ravel(u)
+
+        def push(u: Tensor) -> Tensor:  # u (P,) -> J_r D u (n k,)
+            d = s.layout.unravel(u)
+            if s.scales is not None:
+                d = {name: t * s.scales[name] for name, t in d.items()}
+            return jvp(self._f, (s.params,), (d,))[1].reshape(-1)
+
+        with s.context():
+            U = vmap(pull, in_dims=1, out_dims=1)(V[self._rows])  # (P, m), this rank's part
+            torch.distributed.all_reduce(U, group=shards.group)  # J^T V
+            mine = vmap(push, in_dims=1, out_dims=1)(U)  # (n k, m)
+        return shards.all_gather_rows(mine)  # (N k, m)
+
     def __matmul__(self, v: Tensor) -> Tensor:
         V = self._check_vectors(v, "NTKOperator @ v")  # (n k, m)
+        if self._shards is not None:
+            out = self._sharded(V)  # (N k, m)
+            self.num_matvecs += V.shape[1]
+            return out if v.ndim == 2 else out[:, 0]
         s = self._s
 
         def column(c: Tensor) -> Tensor:  # c (n k,) -> (n k,)
@@ -408,26 +480,36 @@ def ntk_eigenvalues(
     scales: Tensor | None = None,
     tol: float = 1e-8,
     generator: torch.Generator | None = None,
+    group: Any = None,
 ) -> Tensor:
     """Eigenvalues of the full kernel ``(n k, n k)`` on ``x``, largest first, float64.
 
     ``solver="dense"`` forms the kernel (``empirical_ntk``) and calls ``torch.linalg.eigvalsh``;
     ``"lanczos"`` runs :func:`~curvlab.linalg.lanczos` on :class:`NTKOperator` (``k`` required);
     ``"auto"`` is dense up to ``max_dense`` rows (or when all eigenvalues are asked for).
+    With a process group (``group``, as for :func:`empirical_ntk`) ``x`` is this rank's shard
+    and the eigenvalues are those of the kernel over every rank's examples.
     """
     from curvlab.linalg import lanczos  # linalg is a sibling layer; imported where used
 
     call = "ntk_eigenvalues"
     if solver not in ("auto", "dense", "lanczos"):
         raise ValueError(f"{call}: solver must be 'auto', 'dense' or 'lanczos', got {solver!r}")
-    size = func.batch_size(x) * _Setup(model, x, None, params, scales, call).k
+    model, ddp_group = distributed.unwrap(model)
+    group = ddp_group if group is None else group
+    n = func.batch_size(x)
+    if distributed.is_active(group):  # the examples of every rank
+        device = next(model.parameters()).device
+        n = int(distributed.Shards(group, device).all_gather_rows(
+            torch.tensor([n], device=device)).sum())
+    size = n * _Setup(model, x, None, params, scales, call).k
     if solver == "lanczos" or (solver == "auto" and k is not None and size > max_dense):
         if k is None:
             raise ValueError(f"{call}: the Lanczos solver needs k, the number of eigenvalues")
-        A = NTKOperator(model, x, params=params, scales=scales)
+        A = NTKOperator(model, x, params=params, scales=scales, group=group)
         res = lanczos(A, k, tol=tol, generator=generator, throw=True)
         return res.eigenvalues
-    K = _as_tensor(empirical_ntk(model, x, params=params, scales=scales))
-    M = K.permute(0, 2, 1, 3).reshape(size, size)  # (n k, n k)
+    K = _as_tensor(empirical_ntk(model, x, params=params, scales=scales, group=group))
+    M = K.permute(0, 2, 1, 3).reshape(size, size)  # (N k, N k)
     eigs = torch.linalg.eigvalsh(M.double()).flip(0).cpu()  # (n k,)
     return eigs if k is None else eigs[:k]

@@ -20,6 +20,7 @@ from curvlab.testing import make_case
 
 CASES = ("mlp_tanh", "cnn", "transformer", "batchnorm", "dict_input")
 GGN_CASES = ("mlp_tanh", "cnn", "transformer")
+NTK_CASES = ("mlp_tanh", "cnn")
 
 
 def generator(seed: int = 0) -> torch.Generator:
@@ -62,6 +63,20 @@ def measure(name: str, data: Any) -> dict[str, Any]:
     out["sharpness"] = torch.tensor(cl.sharpness(c.model, c.loss_fn, data, tol=1e-10,
                                                  generator=generator()))
     return out
+
+
+def measure_ntk(name: str, x: Any) -> dict[str, Any]:
+    """The empirical NTK of inputs ``x`` (this rank's shard, or all), by each route."""
+    model = make_case(name).model
+    return {"K": cl.empirical_ntk(model, x),
+            "K_trace_jacobian": cl.empirical_ntk(model, x, outputs="trace", method="jacobian"),
+            "dense_eigs": cl.ntk_eigenvalues(model, x, k=4, solver="dense"),
+            "lanczos_eigs": cl.ntk_eigenvalues(model, x, k=4, solver="lanczos", tol=1e-10,
+                                               generator=generator())}
+
+
+def inputs_of(batches: list[tuple[Any, Any]]) -> Any:
+    return torch.cat([b[0] for b in batches])
 
 
 def check_errors(rank: int, world: int) -> None:
@@ -113,6 +128,9 @@ def worker(rank: int, world: int, folder: str) -> None:
         results = {name: measure(name, shard(make_case(name).data, rank, world))
                    for name in CASES}
         results["ddp"] = check_ddp(rank, world)
+        results["ntk"] = {name: measure_ntk(name, inputs_of(shard(make_case(name).data, rank,
+                                                                   world)))
+                          for name in NTK_CASES}
         check_errors(rank, world)
         torch.save(results, Path(folder) / f"rank{rank}.pt")
     finally:

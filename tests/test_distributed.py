@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from dist_workers import CASES, measure, spawn, vectors
+from dist_workers import CASES, NTK_CASES, measure, measure_ntk, spawn, vectors
 from torch.utils._pytree import tree_map
 
 import curvlab as cl
@@ -65,3 +65,11 @@ def test_one_process_without_a_group_is_unchanged() -> None:
     close(H @ V, dense @ V)
     halves = [tree_map(lambda t: t[:5], c.data), tree_map(lambda t: t[5:], c.data)]
     close(cl.HessianOperator(c.model, c.loss_fn, halves) @ V, dense @ V)
+
+
+@pytest.mark.parametrize("name", NTK_CASES)
+def test_ntk_over_sharded_inputs_equals_one_process(ranks, name: str) -> None:
+    ref = measure_ntk(name, make_case(name).data[0])
+    for r in ranks:
+        for key, value in ref.items():
+            close(r["ntk"][name][key], value)
