@@ -31,6 +31,7 @@ Example (each of two processes started by ``torchrun --nproc-per-node 2``)::
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -52,9 +53,16 @@ def unwrap(model: nn.Module) -> tuple[nn.Module, Any]:
     return model, None
 
 
-def is_writer(group: Any = None) -> bool:
-    """True on the process that writes files: rank 0, or any process when none is distributed."""
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
+
+
+def is_writer() -> bool:
+    """True on the process that writes files: rank 0 of the default group; before a group is
+    initialized (a logger built before ``Trainer.fit`` or ``init_process_group``), the process
+    whose launcher rank variables (torchrun's, Lightning's, SLURM's) are all 0 or unset."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return all(os.environ.get(name, "0") == "0" for name in RANK_VARIABLES)
 
 
 def world_info() -> dict[str, Any]:

@@ -138,11 +138,14 @@ class RunLogger:
             must follow the logged ones, and a different config is refused unless
             ``allow_config_change``.
         env: extra environment entries (e.g. device, dtype) next to the software versions.
+        rank_zero_only: under ``torch.distributed``, only rank 0 touches the file; on the other
+            ranks the logger checks its calls but writes nothing (``writes`` is False), so every
+            rank can run the same code. Pass False to let each rank write its own path.
     """
 
     def __init__(self, path: str | os.PathLike[str], config: Mapping[str, Any], *,
                  mode: str = "w-", env: Mapping[str, Any] | None = None,
-                 allow_config_change: bool = False) -> None:
+                 allow_config_change: bool = False, rank_zero_only: bool = True) -> None:
         call = "RunLogger"
         if mode not in MODES:
             raise ValueError(f"{call}: mode must be one of {MODES}, got {mode!r}")
@@ -150,6 +153,12 @@ class RunLogger:
         self.config = json.loads(_config_json(config, call))
         self._file: h5py.File | None = None
         self._last: dict[str, int] = {}
+        from curvlab.distributed import is_writer  # local: keeps torch out of this import
+
+        self.writes = not rank_zero_only or is_writer()
+        self._names: set[str] = set()  # metrics declared (what a rank that does not write knows)
+        if not self.writes:
+            return
         exists = self.path.exists()
         if exists and mode == "w-":
             raise FileExistsError(f"{call}: {self.path} exists; pass mode='a' to resume that run "
@@ -268,6 +277,9 @@ class RunLogger:
             size = len(labels)
         if labels is not None and len(labels) != size:
             raise ValueError(f"{call}: {name!r} has {len(labels)} labels for {size} values")
+        if not self.writes:
+            self._names.add(name)
+            return
         if self._handle(call)["metrics"].get(name) is not None:
             raise ValueError(f"{call}: metric {name!r} exists already")
         shape = () if size is None else (int(size),)
@@ -276,7 +288,8 @@ class RunLogger:
 
     def update_env(self, **entries: Any) -> None:
         """Add or change entries of the ``env`` group (e.g. device, dtype)."""
-        self._restructure(lambda f: f["env"].attrs.update(_environment(entries)))
+        if self.writes:
+            self._restructure(lambda f: f["env"].attrs.update(_environment(entries)))
 
     def log(self, step: int, **scalars: float) -> None:
         """Append one step of scalar metrics, e.g. ``log(10, loss=0.3, sharpness=12.1)``."""
@@ -294,6 +307,8 @@ class RunLogger:
 
     def __contains__(self, name: object) -> bool:
         """Whether metric ``name`` exists in the file."""
+        if not self.writes:
+            return name in self._names
         return isinstance(name, str) and name in self._handle("RunLogger")["metrics"]
 
     def _handle(self, call: str) -> h5py.File:
@@ -307,6 +322,9 @@ class RunLogger:
         _check_name(name, call)
         if isinstance(step, bool) or not isinstance(step, int | np.integer):
             raise TypeError(f"{call}: step must be an int, got {type(step).__name__}")
+        if not self.writes:
+            self._names.add(name)
+            return
         metrics = self._handle(call)["metrics"]
         if name not in metrics:
             self.declare(name, size=None if value.ndim == 0 else value.shape[0], labels=labels,
@@ -331,7 +349,8 @@ class RunLogger:
         self._last[name] = int(step)
 
     def flush(self) -> None:
-        self._handle("RunLogger.flush").flush()
+        if self.writes:
+            self._handle("RunLogger.flush").flush()
 
     def close(self) -> None:
         if self._file is not None:

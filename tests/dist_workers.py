@@ -142,3 +142,49 @@ def spawn(world: int, folder: Path) -> list[dict[str, Any]]:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.multiprocessing.spawn(worker, args=(world, str(folder)), nprocs=world, join=True)
     return [torch.load(folder / f"rank{r}.pt") for r in range(world)]
+
+
+def training_data(n: int = 24) -> tuple[torch.Tensor, torch.Tensor]:
+    g = generator(3)
+    return (torch.randn(n, 6, generator=g, dtype=torch.float64),
+            torch.randn(n, 3, generator=g, dtype=torch.float64))
+
+
+def train(model: torch.nn.Module, data: tuple[Any, Any], steps: int, logger: Any) -> None:
+    """Full-batch SGD (lr 0.05) on ``data``; a Monitor (loss and sharpness every 5 steps) when
+    ``logger`` is given. ``model`` may be DDP-wrapped (``data`` is then this rank's shard)."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    monitor = None if logger is None else cl.Monitor(
+        model, cl.testing.mse, data, logger, [cl.Loss(every=5), cl.Sharpness(every=5, tol=1e-10)],
+        optimizer=opt)
+    if monitor:
+        monitor.on_train_start()
+    for step in range(1, steps + 1):
+        opt.zero_grad()
+        cl.testing.mse(model(data[0]), data[1]).backward()
+        opt.step()
+        if monitor:
+            monitor.on_train_batch_end(step)
+    if monitor:
+        monitor.on_train_end()
+
+
+def ddp_training_worker(rank: int, world: int, folder: str, with_monitor: bool) -> None:
+    """DDP training on equal shards of :func:`training_data`, with or without a Monitor."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous{int(with_monitor)}",
+                            rank=rank, world_size=world)
+    try:
+        x, y = training_data()
+        n = x.shape[0] // world
+        ddp = torch.nn.parallel.DistributedDataParallel(make_case("mlp_tanh").model)
+        shard_data = (x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n])
+        if with_monitor:
+            with cl.RunLogger(Path(folder) / "run.h5", {"lr": 0.05}) as logger:
+                train(ddp, shard_data, 10, logger)
+        else:
+            train(ddp, shard_data, 10, None)
+        params = torch.cat([p.detach().reshape(-1) for p in ddp.parameters()])
+        torch.save(params, Path(folder) / f"params_{int(with_monitor)}_{rank}.pt")
+    finally:
+        dist.destroy_process_group()

@@ -10,7 +10,17 @@ from typing import Any
 
 import pytest
 import torch
-from dist_workers import CASES, NTK_CASES, measure, measure_ntk, spawn, vectors
+from dist_workers import (
+    CASES,
+    NTK_CASES,
+    ddp_training_worker,
+    measure,
+    measure_ntk,
+    spawn,
+    train,
+    training_data,
+    vectors,
+)
 from torch.utils._pytree import tree_map
 
 import curvlab as cl
@@ -73,3 +83,25 @@ def test_ntk_over_sharded_inputs_equals_one_process(ranks, name: str) -> None:
     for r in ranks:
         for key, value in ref.items():
             close(r["ntk"][name][key], value)
+
+
+def test_ddp_training_with_a_monitor(tmp_path) -> None:
+    """One file, from rank 0, equal to one process on the global batches; training unchanged."""
+    for with_monitor in (True, False):
+        torch.multiprocessing.spawn(ddp_training_worker, args=(2, str(tmp_path), with_monitor),
+                                    nprocs=2, join=True)
+    assert sorted(p.name for p in tmp_path.glob("*.h5")) == ["run.h5"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".") or "tmp" in p.name]
+    for rank in range(2):
+        assert torch.equal(torch.load(tmp_path / f"params_1_{rank}.pt"),
+                           torch.load(tmp_path / f"params_0_{rank}.pt"))
+    run = cl.load_run(tmp_path / "run.h5")
+    assert run.env["world_size"] == "2" and run.env["backend"] == "gloo"
+    model = make_case("mlp_tanh").model
+    with cl.RunLogger(tmp_path / "single" / "run.h5", {"lr": 0.05}) as logger:
+        train(model, training_data(), 10, logger)
+    single = cl.load_run(tmp_path / "single" / "run.h5")
+    for name in ("sharpness", "loss"):
+        assert run.metrics[name].step.tolist() == [0, 5, 10]
+        torch.testing.assert_close(torch.as_tensor(run.metrics[name].value),
+                                   torch.as_tensor(single.metrics[name].value), rtol=1e-8, atol=0)

@@ -78,3 +78,24 @@ def test_lightning_callback_logs_the_same_metrics_as_a_plain_loop(tmp_path):
 def test_callback_refuses_other_objects():
     with pytest.raises(TypeError, match=r"CurvlabCallback: expected a curvlab\.Monitor"):
         CurvlabCallback("monitor")
+
+
+def test_lightning_ddp_on_cpu_writes_one_file_from_rank_zero(tmp_path) -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).with_name("lightning_ddp.py")
+    done = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True,
+                          text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [p.name for p in tmp_path.iterdir()] == ["run.h5"]
+    run = cl.load_run(tmp_path / "run.h5")
+    assert run.env["world_size"] == "2" and run.env["backend"] == "gloo"
+    assert run.metrics["sharpness"].step.tolist() == [0, 2, 4]
+    sys.path.insert(0, str(script.parent))
+    from lightning_ddp import problem
+
+    model, x, y = problem()  # every rank's probe is the whole set: the collective mean is its own
+    expected = cl.sharpness(model, mse, (x, y), tol=1e-10)
+    assert abs(run.metrics["sharpness"].value[0] - expected) <= 1e-8 * expected

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from curvlab import distributed
 from curvlab.callbacks.monitor import Context, Measurement, Record
 from curvlab.features import feature_change, feature_speed
 from curvlab.func import forward_context
@@ -96,6 +97,10 @@ class Loss(Measurement):
                 n = len(y)
                 total += float(ctx.loss_fn(ctx.model(x), y)) * n
                 count += n
+        if distributed.is_active():  # the mean over every rank's probe examples
+            sums = torch.tensor([total, count], dtype=torch.float64, device=device)
+            torch.distributed.all_reduce(sums)
+            total, count = float(sums[0]), int(sums[1])
         return [Record(self.name, total / count, description="mean loss over the probe")]
 
 

@@ -4,6 +4,13 @@ Hooks follow Lightning's names so the same object serves plain loops and the Lig
 (``curvlab.callbacks.lightning``): ``on_train_start()`` (measures step 0, the initialization),
 ``on_train_batch_end(step)`` with ``step`` the number of optimizer steps taken, ``on_train_end()``.
 
+Under ``torch.distributed`` (DDP, torchrun) every rank runs the Monitor with its own shard as the
+probe: curvature, loss and NTK measurements are collective over the ranks (the mean over every
+rank's examples, the same value on each rank), and the ``RunLogger`` writes only on rank 0, with
+the world size and backend in the run's environment. Feature measurements use each rank's own
+first probe batch; rank 0's values are the ones logged. A ``DistributedDataParallel`` model is
+measured through its ``.module``, so DDP's gradient hooks never fire.
+
 Measurements never perturb training: they run on the live model in eval mode (so train-mode
 BatchNorm and Dropout are measured deterministically, with running statistics) and restore every
 module's mode afterwards; they never touch parameters, buffers, gradients or optimizer state, and
@@ -42,6 +49,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from curvlab import distributed
 from curvlab.hdf5 import RunLogger
 
 
@@ -160,6 +168,7 @@ class Monitor:
             raise ValueError(f"{call}: measurement names must differ, got {names}; pass name=")
         if budget is not None and not 0 < budget < 1:
             raise ValueError(f"{call}: budget must be a share of wall time in (0, 1), got {budget}")
+        model = distributed.unwrap(model)[0]  # DDP: measure its module (no DDP hooks fire)
         self.model, self.loss_fn, self.probe, self.logger = model, loss_fn, probe, logger
         self.measurements, self.optimizer = list(measurements), optimizer
         self.budget, self.seed = budget, seed
@@ -174,7 +183,7 @@ class Monitor:
     def on_train_start(self) -> None:
         self._start = time.perf_counter()
         p = next(self.model.parameters())
-        self.logger.update_env(device=p.device, dtype=p.dtype)
+        self.logger.update_env(device=p.device, dtype=p.dtype, **distributed.world_info())
         ctx = self._context(0)
         for m in self.measurements:
             m.setup(ctx)
