@@ -2,6 +2,9 @@
 
 - ``curvlab sweep [flags] [--config FILE]``: the main job (see ``curvlab.sweep``): one HDF5 run per
   configuration in ``OUT/runs``, the overlay figure ``OUT/overlay.png`` and ``OUT/report.md``.
+  ``--jobs N`` trains N runs at once; ``--plan-only`` writes one run config per run to
+  ``OUT/plan`` and trains nothing (see ``curvlab.fanout`` and docs/cluster.md).
+- ``curvlab run CONFIG``: train the one run a planned run config describes.
 - ``curvlab plot RUNS... -o FIG [--metric M]``, ``curvlab report RUNS...``,
   ``curvlab inspect RUN``, ``curvlab demo``.
 
@@ -13,7 +16,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.util
 import json
 import sys
@@ -94,7 +96,7 @@ def _numbers(kind: type, text: str) -> tuple:
 
 def sweep_config(args: argparse.Namespace) -> Any:
     """A :class:`~curvlab.sweep.SweepConfig` from a JSON/TOML file and the flags (flags win)."""
-    from curvlab.sweep import SweepConfig
+    from curvlab.sweep import config_from_dict
 
     values: dict[str, Any] = {}
     if args.config:
@@ -110,7 +112,7 @@ def sweep_config(args: argparse.Namespace) -> Any:
              "lrs": args.lr, "steps": args.steps, "batch_size": args.batch_size,
              "dataset": args.dataset, "n": args.n, "probe_size": args.probe_size,
              "every": args.every, "seeds": args.seeds, "device": args.device,
-             "base_width": args.base_width}
+             "base_width": args.base_width, "dtype": args.dtype}
     values.update({k: v for k, v in flags.items() if v is not None})
     for key in ("widths", "depths", "seeds"):
         if isinstance(values.get(key), str):
@@ -119,15 +121,14 @@ def sweep_config(args: argparse.Namespace) -> Any:
             values[key] = tuple(values[key])
     if isinstance(values.get("parametrizations"), str):
         values["parametrizations"] = tuple(values["parametrizations"].replace(",", " ").split())
+    if values.get("device") is None:
+        values["device"] = "cuda" if torch.cuda.is_available() else "cpu"
     lrs = values.get("lrs")
     if isinstance(lrs, str) and lrs != "auto":
         values["lrs"] = _numbers(float, lrs)
     elif isinstance(lrs, list | float | int):
         values["lrs"] = tuple(lrs) if isinstance(lrs, list) else (float(lrs),)
-    unknown = set(values) - {f.name for f in dataclasses.fields(SweepConfig)}
-    if unknown:
-        raise ValueError(f"sweep: unknown config keys {sorted(unknown)}")
-    return SweepConfig(**values)
+    return config_from_dict(values)
 
 
 def sweep(args: argparse.Namespace) -> str:
@@ -139,8 +140,19 @@ def sweep(args: argparse.Namespace) -> str:
 
     cfg = sweep_config(args)
     out = Path(args.out)
+    if args.plan_only:
+        from curvlab.fanout import plan_sweep
+
+        if args.jobs is not None:
+            raise ValueError(f"--plan-only writes the plan and trains nothing, so it takes no "
+                             f"--jobs (got --jobs {args.jobs}); drop --jobs, or drop --plan-only "
+                             "to train here")
+        return plan_sweep(cfg, out, resume=args.resume, overwrite=args.overwrite)
+    if args.jobs is not None and args.jobs < 1:
+        raise ValueError(f"--jobs is how many runs train at once and must be 1 or more, got "
+                         f"{args.jobs}; use --jobs 1 (the default) to train one run at a time")
     paths = run_sweep(cfg, out, resume=args.resume, overwrite=args.overwrite,
-                      progress=not args.quiet)
+                      progress=not args.quiet, jobs=1 if args.jobs is None else args.jobs)
     runs = load_runs(paths)
     sharp = "sharpness_lr" if cfg.optimizer == "sgd" else "sharpness_adam"
     title = (f"{cfg.model} depth {cfg.depths[0]}, {cfg.dataset}, full-batch GD"
@@ -229,6 +241,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_sweep.add_argument("--resume", action="store_true", help="skip finished runs")
     p_sweep.add_argument("--overwrite", action="store_true", help="redo runs in --out")
     p_sweep.add_argument("--quiet", action="store_true", help="no progress bar")
+    p_sweep.add_argument("--dtype", help="float32 (default) or float64, of model and data")
+    p_sweep.add_argument("--jobs", type=int, help="train N runs at once, in N processes (with "
+                         "CUDA, worker i on GPU i mod the GPU count; default 1)")
+    p_sweep.add_argument("--plan-only", action="store_true", help="write OUT/plan (one run "
+                         "config per run, commands.txt) and train nothing; see docs/cluster.md")
+    p_run = sub.add_parser("run", help="train one run from a config of `sweep --plan-only`")
+    p_run.add_argument("config", help="a run config (JSON) from OUT/plan")
+    p_run.add_argument("--overwrite", action="store_true", help="train a finished run again")
+    p_run.add_argument("--device", help="replaces the config's device (e.g. cuda)")
+    p_run.add_argument("--quiet", action="store_true", help="no progress bar")
     p_plot = sub.add_parser("plot", help="overlay a metric of several runs")
     p_plot.add_argument("runs", nargs="+", help="run files (or quoted globs)")
     p_plot.add_argument("-o", "--output", required=True, help="figure path (.png, .pdf)")
@@ -255,11 +277,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     elif args.command == "demo":
         demo(args.steps, args.lr, args.width, args.seed)
+    elif args.command == "run":
+        from curvlab.fanout import run_config
+
+        try:
+            path = run_config(args.config, overwrite=args.overwrite, device=args.device,
+                              progress=not args.quiet)
+        except (FileExistsError, FileNotFoundError, ValueError) as err:
+            print(f"curvlab run: {err}", file=sys.stderr)
+            return 2
+        print(f"wrote {path}")
     elif args.command in ("sweep", "plot", "report"):
+        from curvlab.fanout import RunsFailed
+
         try:
             if args.command == "sweep":
-                if args.device is None:
-                    args.device = "cuda" if torch.cuda.is_available() else "cpu"
                 print(sweep(args))
             else:
                 from curvlab.analysis import sweep_report
@@ -277,6 +309,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (FileExistsError, FileNotFoundError, ValueError) as err:
             print(f"curvlab {args.command}: {err}", file=sys.stderr)
             return 2
+        except RunsFailed as err:
+            print(f"curvlab sweep: {err}", file=sys.stderr)
+            return 1
     elif args.command == "inspect":
         try:
             print(inspect(args.run))

@@ -19,7 +19,13 @@ Datasets (all generated or shipped, nothing downloaded): ``"teacher"`` (Gaussian
 tanh teacher network's outputs), ``"mixture"`` (a Gaussian mixture, one-hot targets), ``"digits"``
 (scikit-learn's bundled 8x8 digits, if scikit-learn is installed) or a path to an ``.npz`` file
 with arrays ``x (n, d)`` and ``y (n, k)`` (or integer labels ``(n,)``). The loss is MSE
-(``0.5 ||f - y||^2`` averaged over examples; labels are one-hot encoded).
+(``0.5 ||f - y||^2`` averaged over examples; labels are one-hot encoded). ``dtype`` (``"float32"``,
+the default, or ``"float64"``) is used for the model and the data.
+
+Running a sweep: ``run_sweep(cfg, out)`` trains the runs one after another; ``jobs=N`` trains N at
+once in separate processes, and ``curvlab.fanout.plan_sweep`` writes one JSON config per run for a
+cluster instead (``curvlab run CONFIG`` trains one). Every path gives the same run files: the auto
+LRs are computed once, before any training, and each run is seeded by its own seed alone.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import dataclasses
 import itertools
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +53,7 @@ from curvlab.testing import mse
 MODELS = ("mlp", "resnet", "convnet", "transformer")
 DATASETS = ("teacher", "mixture", "digits")
 PARAMETRIZATIONS = ("mup", "ntp", "sp")
+DTYPES = ("float32", "float64")
 LR_FRACTION = 0.5
 
 
@@ -71,6 +78,7 @@ class SweepConfig:
     base_width: int | None = None  # None: the smallest width
     sigma: float = 1.0  # base init scale of every parametrization
     lr_fraction: float = LR_FRACTION  # lr="auto": eta = lr_fraction * 2 / lambda_0
+    dtype: str = "float32"  # of the model and the data: "float32" or "float64"
 
     def validate(self) -> None:
         call = "sweep"
@@ -94,10 +102,29 @@ class SweepConfig:
         if self.lrs != "auto" and (isinstance(self.lrs, str) or
                                    not all(lr > 0 for lr in self.lrs)):
             raise ValueError(f"{call}: lrs must be 'auto' or positive numbers, got {self.lrs!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"{call}: dtype must be one of {DTYPES}, got {self.dtype!r}")
 
     @property
     def base(self) -> int:
         return self.base_width or min(self.widths)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return torch.float64 if self.dtype == "float64" else torch.float32
+
+
+def config_from_dict(values: Mapping[str, Any], call: str = "sweep") -> SweepConfig:
+    """A :class:`SweepConfig` from plain values (JSON lists become tuples); unknown keys refused."""
+    unknown = set(values) - {f.name for f in dataclasses.fields(SweepConfig)}
+    if unknown:
+        raise ValueError(f"{call}: unknown config keys {sorted(unknown)}; the keys are the fields "
+                         "of curvlab.sweep.SweepConfig")
+    plain: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    return SweepConfig(**plain)
+
+
+Job = tuple[str, int, int, float, int]  # (parametrization, width, depth, lr, seed)
 
 
 def make_dataset(name: str, n: int, seed: int = 0) -> tuple[Tensor, Tensor]:
@@ -177,7 +204,13 @@ def build_model(cfg: SweepConfig, par: str, width: int, depth: int, d_in: int, d
                              f"{d_in} features do not divide")
         model = _Shaped(Transformer(width, depth, p, d_in=d_in // TOKENS, d_out=d_out),
                         (TOKENS, d_in // TOKENS))
-    return model.to(cfg.device)
+    return model.to(device=cfg.device, dtype=cfg.torch_dtype)
+
+
+def load_data(cfg: SweepConfig) -> tuple[Tensor, Tensor]:
+    """The sweep's dataset on ``cfg.device`` in ``cfg.dtype``: ``(x (n, d), y (n, k))``."""
+    x, y = make_dataset(cfg.dataset, cfg.n)
+    return x.to(cfg.device, cfg.torch_dtype), y.to(cfg.device, cfg.torch_dtype)
 
 
 def auto_lr(cfg: SweepConfig, par: str, depth: int, x: Tensor, y: Tensor) -> float:
@@ -204,7 +237,7 @@ def train_one(cfg: SweepConfig, par: str, width: int, depth: int, lr: float, see
               "optimizer": cfg.optimizer, "lr": lr, "seed": seed, "steps": cfg.steps,
               "dataset": cfg.dataset, "n": len(x), "batch_size": cfg.batch_size,
               "probe_size": cfg.probe_size, "every": cfg.every, "base_width": cfg.base,
-              "loss": "mse"}
+              "loss": "mse", "dtype": cfg.dtype}
     g = torch.Generator().manual_seed(seed)
     kind = "lr" if cfg.optimizer == "sgd" else "adam"
     with RunLogger(path, config, mode="w", env={"device": cfg.device}) as log:
@@ -243,9 +276,26 @@ def finished(path: Path, steps: int) -> bool:
         int(loss.step[-1]) == steps or "diverged" in run.metrics)
 
 
-def run_sweep(cfg: SweepConfig, out: Path, *, resume: bool = False, overwrite: bool = False,
-              progress: bool = True) -> list[Path]:
-    """Train every configuration; write ``out/runs/*.h5`` and ``out/sweep.json``."""
+def _stored_lrs(out: Path, cfg: SweepConfig) -> dict[tuple[str, int], list[float]] | None:
+    """The LRs resolved by an earlier call on the same sweep (``out/sweep.json``), if any; the
+    device may differ (a plan made on one machine, collected on another)."""
+    try:
+        stored = json.loads((out / "sweep.json").read_text())
+        lrs = stored.pop("resolved_lrs")
+        same = config_from_dict({**stored, "device": cfg.device}) == cfg
+        resolved = {(key.split("/d")[0], int(key.split("/d")[1])): [float(v) for v in values]
+                    for key, values in lrs.items()}
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return None
+    wanted = set(itertools.product(cfg.parametrizations, cfg.depths))
+    return resolved if same and set(resolved) == wanted else None
+
+
+def prepare(cfg: SweepConfig, out: Path, *, resume: bool = False,
+            overwrite: bool = False) -> list[Job]:
+    """Check ``out``, resolve the LRs (``lrs="auto"``: once per parametrization and depth, or
+    those of ``out/sweep.json`` when resuming the same sweep), write ``out/sweep.json`` and return
+    every run of the sweep in order."""
     cfg.validate()
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not (resume or overwrite):
@@ -253,33 +303,55 @@ def run_sweep(cfg: SweepConfig, out: Path, *, resume: bool = False, overwrite: b
                               "--resume to skip finished runs, --overwrite to redo them, or "
                               "choose another --out")
     (out / "runs").mkdir(parents=True, exist_ok=True)
-    x, y = make_dataset(cfg.dataset, cfg.n)
-    x, y = x.to(cfg.device), y.to(cfg.device)
-    lrs: dict[tuple[str, int], Sequence[float]] = {}
-    for par, depth in itertools.product(cfg.parametrizations, cfg.depths):
-        lrs[par, depth] = [auto_lr(cfg, par, depth, x, y)] if cfg.lrs == "auto" else \
-            list(cfg.lrs)  # type: ignore[arg-type]
-    jobs = [(par, w, d, lr, s) for par in cfg.parametrizations for d in cfg.depths
-            for lr in lrs[par, d] for w in cfg.widths for s in cfg.seeds]
+    lrs = _stored_lrs(out, cfg) if resume and not overwrite and cfg.lrs == "auto" else None
+    if lrs is None:
+        x, y = load_data(cfg)
+        lrs = {}
+        for par, depth in itertools.product(cfg.parametrizations, cfg.depths):
+            lrs[par, depth] = [auto_lr(cfg, par, depth, x, y)] if cfg.lrs == "auto" else \
+                list(cfg.lrs)  # type: ignore[arg-type]
     (out / "sweep.json").write_text(json.dumps(
         {**dataclasses.asdict(cfg), "resolved_lrs": {f"{p}/d{d}": v for (p, d), v in lrs.items()}},
         indent=2) + "\n")
+    return [(par, w, d, lr, s) for par in cfg.parametrizations for d in cfg.depths
+            for lr in lrs[par, d] for w in cfg.widths for s in cfg.seeds]
+
+
+def run_path(out: Path, job: Job) -> Path:
+    return Path(out) / "runs" / run_name(*job)
+
+
+def run_sweep(cfg: SweepConfig, out: Path, *, resume: bool = False, overwrite: bool = False,
+              progress: bool = True, jobs: int = 1) -> list[Path]:
+    """Train every configuration; write ``out/runs/*.h5`` and ``out/sweep.json``.
+
+    ``jobs``: how many runs train at once, each in its own process (see ``curvlab.fanout``);
+    1 (the default) trains them one after another in this process. Returns every run's path.
+    """
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"sweep: jobs (how many runs train at once) must be a positive integer, "
+                         f"got {jobs!r}; use 1 to train the runs one after another")
+    todo = prepare(cfg, out, resume=resume, overwrite=overwrite)
+    paths = [run_path(out, job) for job in todo]
+    if resume and not overwrite:
+        todo = [job for job, path in zip(todo, paths, strict=True)
+                if not finished(path, cfg.steps)]
+    if jobs > 1:
+        from curvlab.fanout import run_parallel
+
+        run_parallel(cfg, todo, Path(out), jobs, progress=progress)
+        return paths
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(jobs) * cfg.steps, unit="step", desc="sweep")
-    paths = []
-    for par, w, d, lr, s in jobs:
-        path = out / "runs" / run_name(par, w, d, lr, s)
-        paths.append(path)
-        if resume and not overwrite and finished(path, cfg.steps):
-            if bar is not None:
-                bar.update(cfg.steps)
-            continue
+        bar = tqdm(total=len(paths) * cfg.steps, unit="step", desc="sweep")
+        bar.update((len(paths) - len(todo)) * cfg.steps)
+    x, y = load_data(cfg) if todo else (torch.empty(0), torch.empty(0))
+    for par, w, d, lr, s in todo:
         if bar is not None:
             bar.set_postfix_str(f"{par} width {w} lr {lr:.3g}")
-        train_one(cfg, par, w, d, lr, s, (x, y), path, bar)
+        train_one(cfg, par, w, d, lr, s, (x, y), run_path(out, (par, w, d, lr, s)), bar)
     if bar is not None:
         bar.close()
     return paths
