@@ -236,8 +236,9 @@ def busy_seconds() -> tuple[float, float, float] | None:
     except (OSError, ValueError):
         return None
     busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait
-    own = os.times()
-    return time.perf_counter(), busy, own.user + own.system
+    own = os.times()  # with the finished subprocesses it started (memory runs, ranks)
+    return time.perf_counter(), busy, own.user + own.system + own.children_user + \
+        own.children_system
 
 
 def other_load(start: tuple[float, float, float] | None) -> float | None:
