@@ -2,7 +2,7 @@
 # Both install curvlab first (keeping any torch already installed; see scripts/install.sh).
 PYTHON ?= python3
 
-.PHONY: install run test lint bench
+.PHONY: install run test test-slow lint bench
 install:
 	PYTHON=$(PYTHON) bash scripts/install.sh
 
@@ -14,7 +14,13 @@ test: install
 	$(PYTHON) -m mypy curvlab
 	$(PYTHON) -m pytest -q
 
+test-slow: install
+	$(PYTHON) -m pytest -q --slow -m slow
+
 bench: install
 	$(PYTHON) benchmarks/hvp.py
 	$(PYTHON) benchmarks/features.py
 	$(PYTHON) benchmarks/monitor.py
+	$(PYTHON) -m curvlab.cli bench hvp
+	$(PYTHON) -m curvlab.cli bench eigs
+	$(PYTHON) benchmarks/distributed.py
