@@ -20,9 +20,13 @@ QUICK = argparse.Namespace(quick=True, dtype="float32", repeats=2, warmup=1, no_
 
 def test_bench_hvp_checks_times_and_measures_every_installed_library(tmp_path, capsys) -> None:
     out = tmp_path / "hvp.json"
-    assert cli.main(["bench", "hvp", "--quick", "--models", "transformer",
+    assert cli.main(["bench", "hvp", "--quick", "--models", "transformer", "gpt2",
                      "--out", str(out)]) == 0
-    r = json.loads(out.read_text())["models"]["transformer"]
+    models = json.loads(out.read_text())["models"]
+    gpt = models["gpt2"]  # the GPU model, here at toy size: tied embeddings, token inputs
+    assert gpt["float64_relative_difference"]["double backward"] <= compare_hvp.AGREE
+    assert gpt["x_gradient"]["curvlab (default)"] > 1
+    r = models["transformer"]
     have = compare_hvp.installed()
     checked = {"double backward", *(lib for lib in compare_hvp.LIBRARIES if have[lib])}
     assert set(r["float64_relative_difference"]) == checked
