@@ -3,7 +3,7 @@
 See ``../shared/DESIGN.md`` for the public API and ``../shared/MATH.md`` for the definitions.
 """
 
-from curvlab import callbacks, func, layers, linalg, models, testing
+from curvlab import callbacks, distributed, func, layers, linalg, models, testing
 from curvlab.analysis import SuperConsistency, super_consistency, sweep_report
 from curvlab.callbacks import (
     FeatureChange,
@@ -78,6 +78,7 @@ __all__ = [
     "__version__",
     "adam_scales",
     "callbacks",
+    "distributed",
     "effective_depth",
     "effective_rank",
     "empirical_ntk",
