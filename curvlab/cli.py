@@ -159,16 +159,14 @@ def sweep(args: argparse.Namespace) -> str:
              if cfg.batch_size is None else f"{cfg.model}, {cfg.dataset}")
     figures = []
     if cfg.lrs == "auto" or len(cfg.lrs) == 1:
-        fig = plot_overlay(runs, metric=sharp, title=title)
-        fig.savefig(out / "overlay.png", dpi=130)
+        save_figure(plot_overlay(runs, metric=sharp, title=title), out / "overlay.png")
         figures.append("overlay.png")
-        fig = plot_overlay(runs, metric="loss", eos=False, log_y=True, title=title)
-        fig.savefig(out / "loss.png", dpi=130)
+        save_figure(plot_overlay(runs, metric="loss", eos=False, log_y=True, title=title),
+                    out / "loss.png")
         figures.append("loss.png")
         report = sweep_report(runs)
     else:
-        fig = plot_lr_sweep(runs)
-        fig.savefig(out / "lr_sweep.png", dpi=130)
+        save_figure(plot_lr_sweep(runs), out / "lr_sweep.png")
         figures.append("lr_sweep.png")
         report = lr_report(runs)
     report += "\nFigures: " + ", ".join(figures) + "\n"
@@ -190,6 +188,14 @@ def lr_report(runs: Sequence[Any], last: int = 10) -> str:
              "|---|---:|---:|---:|"]
     lines += [f"| {p} | {w} | {lr:.4g} | {v:.4g} |" for (p, w), (lr, v) in sorted(best.items())]
     return "\n".join(lines) + "\n"
+
+
+def save_figure(fig: Any, path: Any) -> None:
+    """Write ``fig`` and close it (pyplot keeps every open figure alive otherwise)."""
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
 
 
 BENCHMARKS = {"hvp": "compare_hvp.py", "eigs": "compare_eigs.py"}
@@ -302,10 +308,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if args.command == "report":
                     print(sweep_report(runs))
                 else:
-                    plot_overlay(runs, metric=args.metric, log_steps=args.log_steps,
-                                 index=args.index, eos=args.metric.startswith("sharpness"),
-                                 log_y=args.metric in ("loss", "ntk_top")).savefig(
-                        args.output, dpi=130)
+                    save_figure(plot_overlay(
+                        runs, metric=args.metric, log_steps=args.log_steps, index=args.index,
+                        eos=args.metric.startswith("sharpness"),
+                        log_y=args.metric in ("loss", "ntk_top")), args.output)
         except (FileExistsError, FileNotFoundError, ValueError) as err:
             print(f"curvlab {args.command}: {err}", file=sys.stderr)
             return 2
