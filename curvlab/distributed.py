@@ -136,9 +136,11 @@ class Shards:
     def mean(self, local_sum: Tensor, count: int) -> Tensor:
         """``sum_r local_sum_r / sum_r count_r`` for ``local_sum (P, m)``: one all_reduce."""
         m = local_sum.shape[1]
-        buf = torch.cat([local_sum, local_sum.new_full((1, m), float(count))])  # (P + 1, m)
+        dtype = torch.promote_types(local_sum.dtype, torch.float32)  # counts exact in bf16 too
+        buf = torch.cat([local_sum.to(dtype), local_sum.new_full((1, m), float(count),
+                                                                 dtype=dtype)])  # (P + 1, m)
         dist.all_reduce(buf, group=self.group)
-        return buf[:-1] / buf[-1:]  # (P, m)
+        return (buf[:-1] / buf[-1:]).to(local_sum.dtype)  # (P, m)
 
     def broadcast(self, t: Tensor) -> Tensor:
         """``t`` as the group's first rank holds it (same shape on every rank)."""

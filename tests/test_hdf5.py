@@ -210,3 +210,23 @@ def test_cli_inspect(tmp_path, capsys):
     assert "cos_theta" in out and "[0.25, 0.5]" in out and "last 3.5" in out
     assert main(["inspect", str(tmp_path / "missing.h5")]) == 2
     assert "curvlab inspect: load_run: no file at" in capsys.readouterr().err
+
+
+def test_only_rank_zero_writes(tmp_path, monkeypatch) -> None:
+    """A process launched as rank 1 (torchrun's RANK) checks its calls but creates no file."""
+    monkeypatch.setenv("RANK", "1")
+    path = tmp_path / "run.h5"
+    logger = cl.RunLogger(path, {"lr": 0.1})
+    assert not logger.writes
+    logger.log(0, loss=1.0)
+    logger.log_array(0, "top", [2.0, 1.0])
+    assert "loss" in logger and "top" in logger and "other" not in logger
+    with pytest.raises(TypeError, match="step must be an int"):
+        logger.log(1.5, loss=1.0)
+    logger.update_env(device="cpu")
+    logger.flush()
+    logger.close()
+    assert not path.exists() and not list(tmp_path.iterdir())
+    with cl.RunLogger(path, {"lr": 0.1}, rank_zero_only=False) as own:  # every rank its own file
+        own.log(0, loss=1.0)
+    assert cl.load_run(path).metrics["loss"].value.tolist() == [1.0]
