@@ -274,7 +274,6 @@ class _CurvatureOperator(OperatorBase):
         self.num_matvecs += V.shape[1]
         return total if v.ndim == 2 else total[:, 0]
 
-
     def _local_sum(self, V: Tensor) -> Tensor:
         """``sum_b n_b (H_b V)`` over this rank's batches ``(P, m)``; zeros for an empty shard."""
         total = torch.zeros_like(V)  # (P, m)

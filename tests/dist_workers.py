@@ -95,6 +95,9 @@ def check_errors(rank: int, world: int) -> None:
     params = ["0.weight"] if rank == 1 else None
     with pytest.raises(ValueError, match="the ranks disagree on the vector size P"):
         cl.HessianOperator(c.model, c.loss_fn, data, params=params)
+    x_shard = inputs_of(data)
+    with pytest.raises(ValueError, match="each rank passes only its shard as x1"):
+        cl.empirical_ntk(c.model, x_shard, x_shard)
     x, y = data[0]  # one batch: its graph is built, and the loss evaluated, at construction
     bad = (x, y[:, :2]) if rank == 0 else (x, y)  # a shape error on rank 0 only
     expected = (RuntimeError, "must match") if rank == 0 else (
