@@ -27,7 +27,7 @@ class Module(LightningModule):
         return mse(self.model(x), y)
 
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05)
+        return torch.optim.SGD(self.model.parameters(), lr=0.05)
 
 
 def problem() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:

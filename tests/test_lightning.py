@@ -7,44 +7,23 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import Trainer
+from lightning_ddp import Module, problem  # the module and data both tests train
 from torch.utils.data import DataLoader, TensorDataset
 
 import curvlab as cl
 from curvlab.callbacks.lightning import CurvlabCallback
-from curvlab.testing import MLP, mse
+from curvlab.testing import mse
 
 LR, STEPS = 0.05, 20
-
-
-def _problem():
-    torch.manual_seed(0)
-    g = torch.Generator().manual_seed(0)
-    model = MLP(4, 8, 2).double()
-    x = torch.randn(32, 4, generator=g, dtype=torch.float64)
-    y = torch.randn(32, 2, generator=g, dtype=torch.float64)
-    return model, x, y
 
 
 def _measurements():
     return [cl.Loss(every=5), cl.Sharpness(every=10, tol=1e-10), cl.FeatureSpeed(every=10)]
 
 
-class Module(LightningModule):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return mse(self.model(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.model.parameters(), lr=LR)
-
-
 def test_lightning_callback_logs_the_same_metrics_as_a_plain_loop(tmp_path):
-    model, x, y = _problem()
+    model, x, y = problem()
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     with cl.RunLogger(tmp_path / "plain.h5", {"lr": LR}) as log:
         mon = cl.Monitor(model, mse, (x, y), log, _measurements(), optimizer=opt)
@@ -56,7 +35,7 @@ def test_lightning_callback_logs_the_same_metrics_as_a_plain_loop(tmp_path):
             mon.on_train_batch_end(step)
         mon.on_train_end()
 
-    model2, x2, y2 = _problem()
+    model2, x2, y2 = problem()
     module = Module(model2)
     with cl.RunLogger(tmp_path / "lightning.h5", {"lr": LR}) as log:
         mon = cl.Monitor(model2, mse, (x2, y2), log, _measurements())
@@ -93,9 +72,6 @@ def test_lightning_ddp_on_cpu_writes_one_file_from_rank_zero(tmp_path) -> None:
     run = cl.load_run(tmp_path / "run.h5")
     assert run.env["world_size"] == "2" and run.env["backend"] == "gloo"
     assert run.metrics["sharpness"].step.tolist() == [0, 2, 4]
-    sys.path.insert(0, str(script.parent))
-    from lightning_ddp import problem
-
     model, x, y = problem()  # every rank's probe is the whole set: the collective mean is its own
     expected = cl.sharpness(model, mse, (x, y), tol=1e-10)
     assert abs(run.metrics["sharpness"].value[0] - expected) <= 1e-8 * expected
