@@ -194,7 +194,7 @@ def _as_tuple(tensors: tuple[Tensor | None, ...], like: list[Tensor]) -> list[Te
 
 def make_hvp_revrev(
     loss: Callable[[Params], Tensor],
-    primals: Params,
+    theta: Tensor,
     layout: ParamLayout,
     *,
     context: Callable[[], Any],
@@ -203,39 +203,42 @@ def make_hvp_revrev(
 ) -> Product:
     """Reverse-over-reverse HVP factory: one forward/backward now, one second backward per vector.
 
+    ``theta (P,)`` holds the parameters flat (``layout.ravel`` of them); they enter the graph as
+    views of one leaf that shares its memory, so the kept gradient
+    ``g = dL/dtheta`` is a single ``(P,)`` tensor and ``H v = d<g, v>/dtheta`` is one call of
+    ``torch.autograd.grad`` that takes ``v`` and returns ``H v`` flat: the split of ``v`` into
+    parameter shapes and the concatenation of the result happen inside autograd's C++ engine.
+    For a block, each column's result is concatenated straight into its row of the output.
+
     The first-order graph (activations and the gradient's own graph, roughly two to three times
     the memory of a training step) is held by the returned closure until it is dropped. With
     ``reuse=False`` the product may be called once: its last backward frees the graph as it goes
     (as a plain double backward does), which is measurably faster than retaining it.
     """
-    leaves = [p.detach().requires_grad_(True) for p in primals.values()]
+    theta = theta.detach().requires_grad_(True)  # (P,), a leaf sharing the caller's memory
     with torch.enable_grad():
+        views = layout.unravel(theta)  # name -> view of theta with the parameter's shape
         with context():
-            value = loss(dict(zip(layout.names, leaves, strict=True)))
+            value = loss(views)
         check_loss(value)
-        grads = torch.autograd.grad(value, leaves, create_graph=True, allow_unused=True)
-    live = [(g, x) for g, x in zip(grads, leaves, strict=True) if g is not None and g.requires_grad]
-    out_grads = [g for g, _ in live]
-
-    wanted = [g is not None and g.requires_grad for g in grads]
+        (g,) = torch.autograd.grad(value, theta, create_graph=True, allow_unused=True)  # (P,)
+    if g is None or not g.requires_grad:  # the gradient does not depend on theta: H = 0
+        return lambda V: V.new_zeros(V.shape)
+    pieces = list(views.values())
 
     def product(V: Tensor) -> Tensor:
-        # One contiguous column at a time: a copy of P entries per vector, about 4x cheaper on
-        # CPU than transposing the whole (P, m) block first (measured at P = 670k, m = 8).
         m = V.shape[1]
-        if not live:  # the loss does not depend on the parameters: H = 0
-            return V.new_zeros(V.shape)
+        if m == 1:  # the split's backward, autograd's last step, writes H v as one vector
+            (hv,) = torch.autograd.grad(g, theta, V[:, 0].contiguous(), retain_graph=reuse)
+            return hv[:, None]  # (P, 1)
         out = V.new_empty(m, V.shape[0])  # (m, P), every row written below
         for j in range(m):
-            vs = layout.unravel(V[:, j].contiguous())
-            hv = torch.autograd.grad(
-                out_grads,
-                leaves,
-                grad_outputs=[vs[n] for n, w in zip(layout.names, wanted, strict=True) if w],
-                retain_graph=reuse or j < m - 1,
-                allow_unused=True,
-            )
-            torch.cat([h.reshape(-1) for h in _as_tuple(hv, leaves)], out=out[j])  # (P,)
+            # A column of a row-major block is copied once (free when V = W.T for W (m, P), the
+            # layout this function returns); the result goes to row j with one concatenation.
+            hv = torch.autograd.grad(g, pieces, V[:, j].contiguous(),
+                                     retain_graph=reuse or j < m - 1, allow_unused=True,
+                                     materialize_grads=True)
+            torch.cat([h.reshape(-1) for h in hv], out=out[j])  # (P,)
         return out.T  # (P, m)
 
     return product

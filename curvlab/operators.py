@@ -173,7 +173,8 @@ class _CurvatureOperator(OperatorBase):
         self.shape = (self.layout.numel, self.layout.numel)
         self.dtype, self.device = first.dtype, first.device
         # A snapshot: the operator is the curvature at the parameters it was built with.
-        self._primals = {n: p.detach().clone() for n, p in chosen.items()}
+        self._theta = self.layout.ravel({n: p.detach() for n, p in chosen.items()})  # (P,) copy
+        self._primals = self.layout.unravel(self._theta)  # name -> view of the snapshot
         self._frozen = {n: p.detach() for n, p in model.named_parameters() if n not in chosen}
         self._frozen.update({n: b.detach().clone() for n, b in model.named_buffers()})
         self.model, self.loss_fn = model, loss_fn
@@ -323,7 +324,7 @@ class HessianOperator(_CurvatureOperator):
         context = partial(self._context, index)
         check = partial(self._check_loss, index=index)
         if self.method == "rev-rev":
-            return func.make_hvp_revrev(loss, self._primals, self.layout, context=context,
+            return func.make_hvp_revrev(loss, self._theta, self.layout, context=context,
                                         check_loss=check, reuse=self.reuse_graph)
         return func.make_hvp_fwdrev(loss, self._primals, self.layout, context=context,
                                     check_loss=check)

@@ -254,3 +254,51 @@ def test_tied_weights_are_detected_and_differentiated_once():
     ref = dense_hessian(model, mse, (x, x))
     torch.testing.assert_close(H @ torch.eye(15, dtype=torch.float64), ref, rtol=1e-10,
                                atol=1e-12)
+
+
+class _Unused(torch.nn.Module):
+    """A parameter that the forward never touches: its rows and columns of H are zero."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.used, self.spare = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+
+    def forward(self, x):
+        return torch.tanh(self.used(x))
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_unused_parameters_get_zero_curvature_on_every_route(reuse: bool) -> None:
+    from curvlab.testing import dense_hessian, mse
+
+    torch.manual_seed(0)
+    model = _Unused().double()
+    x, y = torch.randn(9, 3, dtype=torch.float64), torch.randn(9, 2, dtype=torch.float64)
+    ref = dense_hessian(model, mse, (x, y))  # (16, 16), zero outside the first 8x8 block
+    assert ref[:8, :8].abs().max() > 1e-3 and ref[8:].abs().max() == 0
+    V = vectors(16, 3)
+    for method in ("rev-rev", "fwd-rev"):
+        H = cl.HessianOperator(model, mse, (x, y), method=method, reuse_graph=reuse)
+        assert_rel_close(H @ V, ref @ V)
+        assert_rel_close(H @ V[:, 1], ref @ V[:, 1])
+
+
+def test_a_gradient_that_does_not_depend_on_the_parameters_gives_zero() -> None:
+    # Loss linear in the parameters: the gradient is a constant, the Hessian is exactly zero.
+    model = torch.nn.Linear(4, 1).double()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    H = cl.HessianOperator(model, lambda out, _: out.mean(), (x, x))
+    V = vectors(5, 2)
+    assert torch.equal(H @ V, torch.zeros(5, 2, dtype=torch.float64))
+    assert torch.equal(H @ V[:, 0], torch.zeros(5, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_block_layouts_give_the_same_products(reuse: bool) -> None:
+    # Row-major blocks, column-major blocks (V = W.T) and strided column slices are all accepted.
+    c, H_dense = case("mlp_tanh"), hessian("mlp_tanh")
+    H = cl.HessianOperator(c.model, c.loss_fn, c.data, method="rev-rev", reuse_graph=reuse)
+    V = vectors(H.shape[0], 6)  # (P, 6), row-major
+    for block in (V, V.T.contiguous().T, V[:, ::2]):
+        assert_rel_close(H @ block, H_dense @ block)
+    assert_rel_close(H @ V[:, 3], H_dense @ V[:, 3])  # a strided single column
