@@ -235,10 +235,10 @@ def make_hvp_revrev(
         for j in range(m):
             # A column of a row-major block is copied once (free when V = W.T for W (m, P), the
             # layout this function returns); the result goes to row j with one concatenation.
-            hv = torch.autograd.grad(g, pieces, V[:, j].contiguous(),
-                                     retain_graph=reuse or j < m - 1, allow_unused=True,
-                                     materialize_grads=True)
-            torch.cat([h.reshape(-1) for h in hv], out=out[j])  # (P,)
+            parts = torch.autograd.grad(g, pieces, V[:, j].contiguous(),
+                                        retain_graph=reuse or j < m - 1, allow_unused=True,
+                                        materialize_grads=True)
+            torch.cat([h.reshape(-1) for h in parts], out=out[j])  # (P,)
         return out.T  # (P, m)
 
     return product
