@@ -14,17 +14,30 @@ d_model 64, 4 heads, 32 tokens, batch 64) -- it measures the median wall time of
    optional packages are importable;
 4. curvlab's ``H @ V`` for blocks ``V (P, m)``, m = 1, 8, 32: per-vector time and products/s.
 
-Candidates of one group are timed interleaved (round robin, rotating order) after a warm-up; a
-target ratio is the median over rounds of the per-round ratio, with a 95% bootstrap interval, so
-that slow drifts of a shared machine cancel. The blocks m = 1, 8, 32 of one route form one group.
-Every timing runs with the math attention backend, which curvlab uses too (the fused CPU kernels
-have no double backward).
+Candidates of one group are timed interleaved (round robin, rotating order) after a warm-up. The
+table's medians come from one group holding every route. Each target is timed in a group of its
+own, two candidates called back to back in alternating order for ``--target-rounds`` rounds, and
+reported as the median over rounds of the per-round ratio with a 95% bootstrap interval, so that
+the drifts of a shared machine cancel:
+
+- curvlab's kept-graph product against PyHessian's cached product;
+- curvlab's product without reuse against a plain double backward;
+- ``H @ V`` for a block of m = 8 columns against the same 8 columns as 8 calls ``H @ v``. The
+  block is given with contiguous columns (``V = W.T`` for ``W (8, P)``), the layout that
+  ``H @ V`` returns; a row-major block, which costs one gather per column, is reported beside it.
+
+The blocks m = 1, 8, 32 of each route are one more group (products/s in the table). Every timing
+runs with the math attention backend, which curvlab uses too (the fused CPU kernels have no double
+backward). On Linux the benchmark sets glibc's malloc to keep freed memory (``mallopt``: trim
+threshold 16 GiB, mmap threshold 32 MiB) for every candidate alike: otherwise each product's
+temporaries come back from the kernel as fresh pages (about 7,000 page faults, a tenth of a CNN
+product's time), which adds noise; ``--no-malloc-tuning`` turns it off, and the JSON records it.
 
 Targets (CPU, ratios within one run): with graph reuse, curvlab's product is no slower than
 PyHessian's cached product (expected about 1.3-2x a gradient); without reuse, curvlab's rev-rev is
 no slower than plain double backward; per vector, m = 8 is no slower than m = 1.
 
-Run ``python benchmarks/hvp.py`` (about 15 minutes on two CPU cores) or ``--quick`` for a smoke run
+Run ``python benchmarks/hvp.py`` (about 20 minutes on two CPU cores) or ``--quick`` for a smoke run
 (under a minute, one thread). On a shared machine pass ``--threads 1``: two OpenMP threads next
 to another busy process slow down erratically (up to 8x); the JSON records the other load.
 Results go to ``benchmarks/results/hvp_<device>.json`` and ``.md`` (``--out`` to change); the HVP
@@ -34,6 +47,8 @@ section of ``benchmarks/README.md`` is regenerated from every full-run JSON in t
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import datetime
 import json
 import os
@@ -136,6 +151,48 @@ def paired_ratio(num: list[float], den: list[float], scale: float = 1.0) -> dict
     return {"median": float(np.median(ratios)), "low": float(low), "high": float(high)}
 
 
+def keep_freed_memory() -> dict[str, int] | None:
+    """Make glibc's malloc keep freed memory instead of returning it to the kernel.
+
+    Sets the trim threshold to 16 GiB and the mmap threshold to 32 MiB (``mallopt``, process-wide,
+    every candidate alike), so that the temporaries of repeated products reuse pages instead of
+    faulting fresh ones in. Returns the settings, or ``None`` where there is no glibc.
+    """
+    name = ctypes.util.find_library("c")
+    if sys.platform != "linux" or name is None:
+        return None
+    libc = ctypes.CDLL(name)
+    settings = {"M_TRIM_THRESHOLD": 1 << 34, "M_MMAP_THRESHOLD": 1 << 25}
+    codes = {"M_TRIM_THRESHOLD": -1, "M_MMAP_THRESHOLD": -3}  # glibc's malloc.h
+    if not all(libc.mallopt(codes[k], v) == 1 for k, v in settings.items()):
+        return None
+    return settings
+
+
+def target_groups(ops: dict[str, Any], others: dict[str, Callable[[], Any]], v: torch.Tensor,
+                  block: torch.Tensor) -> dict[str, dict[str, Callable[[], Any]]]:
+    """Head-to-head pairs ``{"curvlab": ..., "other": ...}`` behind each target ratio.
+
+    ``block (P, 8)`` has contiguous columns; the m = 8 targets compare one ``H @ block`` with the
+    8 columns as 8 calls ``H @ block[:, j]``, i.e. the same products one at a time.
+    """
+    reuse, no_reuse = ops["curvlab rev-rev reuse"], ops["curvlab rev-rev no reuse"]
+    columns = [block[:, j] for j in range(block.shape[1])]  # each (P,), contiguous
+    rows = block.contiguous()  # (P, 8) row-major: a column is a strided gather
+    groups: dict[str, dict[str, Callable[[], Any]]] = {}
+    if "PyHessian cached" in others:
+        groups["curvlab reuse / PyHessian cached"] = {
+            "curvlab": lambda: reuse @ v, "other": others["PyHessian cached"]}
+    groups["curvlab rev-rev no reuse / double backward"] = {
+        "curvlab": lambda: no_reuse @ v, "other": others["double backward"]}
+    for label, op in (("reuse", reuse), ("no reuse", no_reuse)):
+        groups[f"{label}: m=8 block / 8 single products"] = {
+            "curvlab": lambda op=op: op @ block, "other": lambda op=op: [op @ c for c in columns]}
+    groups["reuse: m=8 row-major block / 8 single products"] = {
+        "curvlab": lambda: reuse @ rows, "other": lambda: [reuse @ c for c in columns]}
+    return groups
+
+
 def baselines(model: nn.Module, criterion: nn.Module, x: Any, y: Any, v: torch.Tensor,
               device: torch.device) -> tuple[dict[str, Callable[[], Any]], Callable[[], None]]:
     """Products ``H v`` (``v`` flat) of the other routes, and a function to free their graphs."""
@@ -195,6 +252,9 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> di
         rel_diff = {label: float((fn() - reference).norm() / reference.norm())
                     for label, fn in fns.items() if label not in ("gradient",)}
         s1 = time_interleaved(fns, args.repeats, args.warmup, device)
+        block = torch.randn(8, P, generator=gen).to(device).T  # (P, 8), contiguous columns
+        targets = {key: time_interleaved(pair, args.target_rounds, args.warmup, device)
+                   for key, pair in target_groups(ops, others, v, block).items()}
         blocks_s = {}  # label -> m -> samples; m = 1, 8, 32 of one route timed in the same rounds
         for label, op in ops.items():
             sm = time_interleaved({str(m): (lambda op=op, V=blocks[m]: op @ V) for m in BLOCKS},
@@ -205,12 +265,7 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> di
     per_call = {label: {m: median(blocks_s[label][str(m)]) for m in BLOCKS} for label in ops}
     grad = t1["gradient"]
     ratios = {f"{label} / gradient": t / grad for label, t in t1.items() if label != "gradient"}
-    paired = {}
-    if "PyHessian cached" in s1:
-        paired["curvlab reuse / PyHessian cached"] = paired_ratio(
-            s1["curvlab rev-rev reuse"], s1["PyHessian cached"])
-    paired["curvlab rev-rev no reuse / double backward"] = paired_ratio(
-        s1["curvlab rev-rev no reuse"], s1["double backward"])
+    paired = {key: paired_ratio(t["curvlab"], t["other"]) for key, t in targets.items()}
     for label in ops:
         for m in BLOCKS[1:]:
             paired[f"{label} per vector m={m} / m=1"] = paired_ratio(
@@ -225,6 +280,8 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> di
         "products_per_s": {lab: {str(m): m / t for m, t in d.items()}
                            for lab, d in per_call.items()},
         "ratios": ratios, "paired_ratios": paired,
+        "target_median_s": {key: {side: median(x) for side, x in t.items()}
+                            for key, t in targets.items()},
         "relative_difference_to_curvlab_reuse": rel_diff,
     }
 
@@ -320,15 +377,27 @@ def markdown(result: dict[str, Any]) -> str:
         for label, t in r["median_s"].items():
             if label != "gradient":
                 lines.append(f"| | | {label} | {1e3 * t:.2f} | {t / grad:.2f} | | |")
-    lines += ["", "Targets, as the median over rounds of the per-round ratio with a 95% bootstrap "
-              "interval (target <= 1; \"within noise\": the median is above 1 but the interval "
-              "reaches 1, so the run cannot tell the two apart):", "",
-              "| model | reuse / PyHessian cached | rev-rev no reuse / double backward | "
-              "per vector m=8 / m=1: reuse | no reuse | fwd-rev |", "|---|---|---|---|---|---|"]
+    lines += ["", f"Targets, each timed head to head ({result['settings']['target_rounds']} rounds "
+              "of the two calls back to back, alternating order), as the median over rounds of "
+              "the per-round ratio with a 95% bootstrap interval (target <= 1; \"within noise\": "
+              "the median is above 1 but the interval reaches 1, so the run cannot tell the two "
+              "apart). The m = 8 cells compare one `H @ V` with the same 8 columns as 8 calls "
+              "`H @ v`:", "",
+              "| model | reuse / PyHessian cached | no reuse / double backward | m=8 block / 8 "
+              "single, reuse | m=8 block / 8 single, no reuse |", "|---|---|---|---|---|"]
+    keys = ["curvlab reuse / PyHessian cached", "curvlab rev-rev no reuse / double backward",
+            "reuse: m=8 block / 8 single products", "no reuse: m=8 block / 8 single products"]
     for name, r in result["models"].items():
         q = r["paired_ratios"]
-        cells = [q.get("curvlab reuse / PyHessian cached"),
-                 q["curvlab rev-rev no reuse / double backward"],
+        lines.append(f"| {name} | " + " | ".join(fmt(q.get(k)) for k in keys) + " |")
+    lines += ["", "Not targets: a row-major m = 8 block (one strided gather per column) against "
+              "8 single products, reuse; and the per-vector time at m = 8 over m = 1 from the "
+              "blocks group (medians of different rounds):", "",
+              "| model | row-major m=8 block / 8 single | per vector m=8 / m=1: reuse | no reuse "
+              "| fwd-rev |", "|---|---|---|---|---|"]
+    for name, r in result["models"].items():
+        q = r["paired_ratios"]
+        cells = [q.get("reuse: m=8 row-major block / 8 single products"),
                  *(q[f"{label} per vector m=8 / m=1"] for label in CURVLAB)]
         lines.append(f"| {name} | " + " | ".join(fmt(c) for c in cells) + " |")
     differ = [f"{label} on {name} ({d:.1e})" for name, r in result["models"].items()
@@ -382,6 +451,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 25; 3)")
+    parser.add_argument("--target-rounds", type=int, default=None,
+                        help="rounds of each head-to-head target pair (default 60; 3)")
+    parser.add_argument("--no-malloc-tuning", action="store_true",
+                        help="leave glibc's malloc as it is (see keep_freed_memory)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")
     parser.add_argument("--quick", action="store_true", help="small batches, few repeats")
     parser.add_argument("--threads", type=int, default=None,
@@ -391,6 +464,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="JSON path (default benchmarks/results/hvp_<device>[_quick].json)")
     args = parser.parse_args(argv)
     args.repeats = args.repeats or (3 if args.quick else 25)
+    args.target_rounds = args.target_rounds or (3 if args.quick else 60)
+    malloc = None if args.no_malloc_tuning else keep_freed_memory()
     device = torch.device(args.device)
     if args.threads or args.quick:  # a smoke run must not stall next to other work
         torch.set_num_threads(args.threads or 1)
@@ -400,7 +475,8 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.models:
         print(f"benchmarking {name} ...", file=sys.stderr, flush=True)
         models[name] = bench_model(name, args, device)
-    result = {"settings": {"repeats": args.repeats, "warmup": args.warmup, "quick": args.quick,
+    result = {"settings": {"repeats": args.repeats, "target_rounds": args.target_rounds,
+                           "malloc": malloc, "warmup": args.warmup, "quick": args.quick,
                            "blocks": list(BLOCKS), "dtype": "float32", "models": args.models},
               "environment": environment(device), "models": models}
     save(result, start, out, markdown, write_readme)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from curvlab import cli
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 import compare_hvp  # noqa: E402
+import hvp  # noqa: E402
 
 QUICK = argparse.Namespace(quick=True, dtype="float32", repeats=2, warmup=1, no_memory=True)
 
@@ -88,3 +90,34 @@ def test_bench_outside_a_source_checkout_says_what_to_do(monkeypatch, capsys) ->
     monkeypatch.setitem(cli.BENCHMARKS, "hvp", "no_such_script.py")
     assert cli.main(["bench", "hvp", "--quick"]) == 2
     assert "not in the installed package; clone it" in capsys.readouterr().err
+
+
+def test_hvp_benchmark_times_every_target_head_to_head(tmp_path) -> None:
+    out = tmp_path / "hvp.json"
+    hvp.main(["--quick", "--models", "transformer", "--no-malloc-tuning", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["settings"]["malloc"] is None and result["settings"]["target_rounds"] == 3
+    r = result["models"]["transformer"]
+    targets = {"curvlab reuse / PyHessian cached", "curvlab rev-rev no reuse / double backward",
+               "reuse: m=8 block / 8 single products", "no reuse: m=8 block / 8 single products",
+               "reuse: m=8 row-major block / 8 single products"}
+    if not compare_hvp.installed()["PyHessian"]:
+        targets.remove("curvlab reuse / PyHessian cached")
+    assert targets <= set(r["paired_ratios"]) and set(r["target_median_s"]) == targets
+    for q in r["paired_ratios"].values():
+        assert 0 < q["low"] <= q["median"] <= q["high"]
+    # The timed routes compute the same product (float32 rounding apart).
+    assert r["relative_difference_to_curvlab_reuse"]["double backward"] < 1e-5
+    assert "| transformer | " in out.with_suffix(".md").read_text()
+
+
+def test_hvp_verdicts_and_malloc_setting() -> None:
+    assert hvp.verdict({"median": 0.99, "low": 0.97, "high": 1.02}) == "yes"
+    assert hvp.verdict({"median": 1.01, "low": 0.99, "high": 1.03}) == "within noise"
+    assert hvp.verdict({"median": 1.05, "low": 1.02, "high": 1.08}) == "no"
+    code = f"import sys; sys.path.insert(0, {str(BENCHMARKS)!r}); import hvp; " \
+           "print(hvp.keep_freed_memory())"  # process-wide, so in a child process
+    printed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             check=True).stdout.strip()
+    expected = "{'M_TRIM_THRESHOLD': 17179869184, 'M_MMAP_THRESHOLD': 33554432}"
+    assert printed == (expected if sys.platform == "linux" else "None")
