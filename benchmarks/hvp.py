@@ -56,7 +56,9 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -214,7 +216,9 @@ def baselines(model: nn.Module, criterion: nn.Module, x: Any, y: Any, v: torch.T
     except ImportError:
         pass
     else:  # the constructor runs loss.backward(create_graph=True) once
-        ph = pyhessian.hessian(model, criterion, data=(x, y), cuda=device.type == "cuda")
+        with warnings.catch_warnings():  # its loss.backward(create_graph=True) warns of a cycle
+            warnings.filterwarnings("ignore", "Using backward\\(\\) with create_graph")
+            ph = pyhessian.hessian(model, criterion, data=(x, y), cuda=device.type == "cuda")
         gradsH, ph_params = ph.gradsH, ph.params
         fns["PyHessian cached"] = lambda: flat(hessian_vector_product(gradsH, ph_params, v_list))
     try:
@@ -230,6 +234,66 @@ def baselines(model: nn.Module, criterion: nn.Module, x: Any, y: Any, v: torch.T
             p.grad = None  # PyHessian's graph lives in the .grad fields
 
     return fns, release
+
+
+def time_targets(name: str, args: argparse.Namespace, device: torch.device
+                 ) -> dict[str, dict[str, list[float]]]:
+    """Seconds per call of both sides of every target pair (``target_groups``), in this process."""
+    model, x, y, _ = make_problem(name, args.quick, device)
+    criterion = nn.CrossEntropyLoss()
+    P = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    gen = torch.Generator().manual_seed(2)
+    v = torch.randn(P, generator=gen).to(device)  # (P,)
+    block = torch.randn(8, P, generator=gen).to(device).T  # (P, 8), contiguous columns
+    ops = {label: cl.HessianOperator(model, criterion, (x, y), **kw)
+           for label, kw in CURVLAB.items()}
+    with sdpa_kernel(SDPBackend.MATH):
+        others, release = baselines(model, criterion, x, y, v, device)
+        samples = {key: time_interleaved(pair, args.target_rounds, max(args.warmup, 5), device)
+                   for key, pair in target_groups(ops, others, v, block).items()}
+        release()
+    return samples
+
+
+def targets_in_processes(name: str, args: argparse.Namespace, device: torch.device
+                         ) -> dict[str, list[dict[str, list[float]]]]:
+    """``time_targets`` in ``args.processes`` fresh processes, one after another.
+
+    Each process builds its own graphs, which land at different places in memory; between
+    processes the same pair of products differs by up to 2-3% for that reason alone, more than
+    the rounds within one process vary. Pooling processes averages that out.
+    """
+    runs: dict[str, list[dict[str, list[float]]]] = {}
+    for k in range(args.processes):
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "targets.json"
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--targets-of", name,
+                   "--out", str(out), "--device", str(device),
+                   "--target-rounds", str(args.target_rounds), "--warmup", str(args.warmup)]
+            cmd += ["--quick"] * args.quick + ["--no-malloc-tuning"] * args.no_malloc_tuning
+            cmd += ["--threads", str(torch.get_num_threads())]
+            print(f"  targets of {name}: process {k + 1} of {args.processes}", file=sys.stderr,
+                  flush=True)
+            subprocess.run(cmd, check=True)
+            for key, samples in json.loads(out.read_text()).items():
+                runs.setdefault(key, []).append(samples)
+    return runs
+
+
+def pooled_ratio(runs: list[dict[str, list[float]]]) -> dict[str, float]:
+    """Median per-round ratio ``curvlab / other`` over the rounds of every process, with a 95%
+    interval from a two-level bootstrap (processes with replacement, then rounds within each),
+    so that the interval includes the variation between processes."""
+    ratios = [np.asarray(r["curvlab"]) / np.asarray(r["other"]) for r in runs]  # each (rounds,)
+    rng = np.random.default_rng(0)
+    boot = np.empty(2000)
+    for b in range(boot.size):
+        picked = rng.integers(len(ratios), size=len(ratios))
+        boot[b] = np.median(np.concatenate([rng.choice(ratios[i], ratios[i].size)
+                                            for i in picked]))
+    low, high = np.percentile(boot, [2.5, 97.5])
+    return {"median": float(np.median(np.concatenate(ratios))), "low": float(low),
+            "high": float(high)}
 
 
 def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
@@ -252,20 +316,20 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> di
         rel_diff = {label: float((fn() - reference).norm() / reference.norm())
                     for label, fn in fns.items() if label not in ("gradient",)}
         s1 = time_interleaved(fns, args.repeats, args.warmup, device)
-        block = torch.randn(8, P, generator=gen).to(device).T  # (P, 8), contiguous columns
-        targets = {key: time_interleaved(pair, args.target_rounds, args.warmup, device)
-                   for key, pair in target_groups(ops, others, v, block).items()}
         blocks_s = {}  # label -> m -> samples; m = 1, 8, 32 of one route timed in the same rounds
         for label, op in ops.items():
             sm = time_interleaved({str(m): (lambda op=op, V=blocks[m]: op @ V) for m in BLOCKS},
                                   args.repeats, args.warmup, device)
             blocks_s[label] = sm
         release()
+    del others, fns  # the graphs go before the target processes start
+    ops = dict.fromkeys(ops)  # the labels only
+    targets = targets_in_processes(name, args, device)  # key -> one sample dict per process
     t1 = {label: median(x) for label, x in s1.items()}
     per_call = {label: {m: median(blocks_s[label][str(m)]) for m in BLOCKS} for label in ops}
     grad = t1["gradient"]
     ratios = {f"{label} / gradient": t / grad for label, t in t1.items() if label != "gradient"}
-    paired = {key: paired_ratio(t["curvlab"], t["other"]) for key, t in targets.items()}
+    paired = {key: pooled_ratio(runs) for key, runs in targets.items()}
     for label in ops:
         for m in BLOCKS[1:]:
             paired[f"{label} per vector m={m} / m=1"] = paired_ratio(
@@ -280,8 +344,11 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> di
         "products_per_s": {lab: {str(m): m / t for m, t in d.items()}
                            for lab, d in per_call.items()},
         "ratios": ratios, "paired_ratios": paired,
-        "target_median_s": {key: {side: median(x) for side, x in t.items()}
-                            for key, t in targets.items()},
+        "target_median_s": {key: {side: median([t for run in runs for t in run[side]])
+                                  for side in ("curvlab", "other")}
+                            for key, runs in targets.items()},
+        "target_ratio_per_process": {key: [paired_ratio(run["curvlab"], run["other"])["median"]
+                                           for run in runs] for key, runs in targets.items()},
         "relative_difference_to_curvlab_reuse": rel_diff,
     }
 
@@ -377,10 +444,12 @@ def markdown(result: dict[str, Any]) -> str:
         for label, t in r["median_s"].items():
             if label != "gradient":
                 lines.append(f"| | | {label} | {1e3 * t:.2f} | {t / grad:.2f} | | |")
-    lines += ["", f"Targets, each timed head to head ({result['settings']['target_rounds']} rounds "
-              "of the two calls back to back, alternating order), as the median over rounds of "
-              "the per-round ratio with a 95% bootstrap interval (target <= 1; \"within noise\": "
-              "the median is above 1 but the interval reaches 1, so the run cannot tell the two "
+    st = result["settings"]
+    lines += ["", f"Targets, each timed head to head in {st['target_processes']} fresh processes "
+              f"({st['target_rounds']} rounds each of the two calls back to back, alternating "
+              "order), as the median over all rounds of the per-round ratio with a 95% interval "
+              "from a bootstrap over processes and rounds (target <= 1; \"within noise\": the "
+              "median is above 1 but the interval reaches 1, so the run cannot tell the two "
               "apart). The m = 8 cells compare one `H @ V` with the same 8 columns as 8 calls "
               "`H @ v`:", "",
               "| model | reuse / PyHessian cached | no reuse / double backward | m=8 block / 8 "
@@ -452,7 +521,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 25; 3)")
     parser.add_argument("--target-rounds", type=int, default=None,
-                        help="rounds of each head-to-head target pair (default 60; 3)")
+                        help="rounds of each target pair in each process (default 40; 3)")
+    parser.add_argument("--processes", type=int, default=None,
+                        help="fresh processes that time the targets (default 3; 1 with --quick)")
+    parser.add_argument("--targets-of", choices=MODELS, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--no-malloc-tuning", action="store_true",
                         help="leave glibc's malloc as it is (see keep_freed_memory)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")
@@ -464,11 +536,15 @@ def main(argv: list[str] | None = None) -> None:
                         help="JSON path (default benchmarks/results/hvp_<device>[_quick].json)")
     args = parser.parse_args(argv)
     args.repeats = args.repeats or (3 if args.quick else 25)
-    args.target_rounds = args.target_rounds or (3 if args.quick else 60)
+    args.target_rounds = args.target_rounds or (3 if args.quick else 40)
+    args.processes = args.processes or (1 if args.quick else 3)
     malloc = None if args.no_malloc_tuning else keep_freed_memory()
     device = torch.device(args.device)
     if args.threads or args.quick:  # a smoke run must not stall next to other work
         torch.set_num_threads(args.threads or 1)
+    if args.targets_of:  # a child of targets_in_processes
+        args.out.write_text(json.dumps(time_targets(args.targets_of, args, device)))
+        return
     suffix = "_quick" if args.quick else ""
     out = args.out or HERE / "results" / f"hvp_{device.type}{suffix}.json"
     models, start = {}, busy_seconds()
@@ -476,6 +552,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"benchmarking {name} ...", file=sys.stderr, flush=True)
         models[name] = bench_model(name, args, device)
     result = {"settings": {"repeats": args.repeats, "target_rounds": args.target_rounds,
+                           "target_processes": args.processes,
                            "malloc": malloc, "warmup": args.warmup, "quick": args.quick,
                            "blocks": list(BLOCKS), "dtype": "float32", "models": args.models},
               "environment": environment(device), "models": models}
