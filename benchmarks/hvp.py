@@ -145,12 +145,9 @@ def paired_ratio(num: list[float], den: list[float], scale: float = 1.0) -> dict
     """Median over rounds of ``num[r] / (scale * den[r])`` with a 95% bootstrap interval.
 
     Pairing by round cancels the slow drifts of a shared machine that separate groups of timings.
+    One process's rounds: :func:`pooled_ratio` of a single run.
     """
-    ratios = np.asarray(num) / (scale * np.asarray(den))  # (rounds,)
-    rng = np.random.default_rng(0)
-    boot = np.median(rng.choice(ratios, size=(2000, ratios.size)), axis=1)  # (2000,)
-    low, high = np.percentile(boot, [2.5, 97.5])
-    return {"median": float(np.median(ratios)), "low": float(low), "high": float(high)}
+    return pooled_ratio([{"curvlab": num, "other": [scale * d for d in den]}])
 
 
 def keep_freed_memory() -> dict[str, int] | None:
