@@ -13,9 +13,11 @@ import torch
 from dist_workers import (
     CASES,
     NTK_CASES,
+    abort_at_exit,
     ddp_training_worker,
     measure,
     measure_ntk,
+    run_ranks,
     spawn,
     train,
     training_data,
@@ -88,8 +90,7 @@ def test_ntk_over_sharded_inputs_equals_one_process(ranks, name: str) -> None:
 def test_ddp_training_with_a_monitor(tmp_path) -> None:
     """One file, from rank 0, equal to one process on the global batches; training unchanged."""
     for with_monitor in (True, False):
-        torch.multiprocessing.spawn(ddp_training_worker, args=(2, str(tmp_path), with_monitor),
-                                    nprocs=2, join=True)
+        run_ranks(ddp_training_worker, 2, tmp_path, f"train{int(with_monitor)}", with_monitor)
     assert sorted(p.name for p in tmp_path.glob("*.h5")) == ["run.h5"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".") or "tmp" in p.name]
     for rank in range(2):
@@ -105,3 +106,10 @@ def test_ddp_training_with_a_monitor(tmp_path) -> None:
         assert run.metrics[name].step.tolist() == [0, 5, 10]
         torch.testing.assert_close(torch.as_tensor(run.metrics[name].value),
                                    torch.as_tensor(single.metrics[name].value), rtol=1e-8, atol=0)
+
+
+def test_a_crash_in_teardown_only_warns_and_one_during_the_work_raises(tmp_path) -> None:
+    with pytest.warns(UserWarning, match=r"rank 1 died by SIGABRT in torch.distributed's teardown"):
+        run_ranks(abort_at_exit, 2, tmp_path, "exit", False)
+    with pytest.raises(torch.multiprocessing.ProcessExitedException, match="SIGABRT"):
+        run_ranks(abort_at_exit, 2, tmp_path, "work", True)
