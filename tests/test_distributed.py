@@ -111,5 +111,6 @@ def test_ddp_training_with_a_monitor(tmp_path) -> None:
 def test_a_crash_in_teardown_only_warns_and_one_during_the_work_raises(tmp_path) -> None:
     with pytest.warns(UserWarning, match=r"rank 1 died by SIGABRT in torch.distributed's teardown"):
         run_ranks(abort_at_exit, 2, tmp_path, "exit", False)
-    with pytest.raises(torch.multiprocessing.ProcessExitedException, match="SIGABRT"):
+    with (pytest.warns(UserWarning, match="died by SIGABRT during its work; running every rank"),
+          pytest.raises(torch.multiprocessing.ProcessExitedException, match="SIGABRT")):
         run_ranks(abort_at_exit, 2, tmp_path, "work", True)
