@@ -4,6 +4,7 @@ for rank 1). Every rank builds the same RunLogger; only rank 0 writes OUT/run.h5
 
 from __future__ import annotations
 
+import gc
 import sys
 import warnings
 from pathlib import Path
@@ -51,6 +52,11 @@ def main(out: Path) -> None:
         warnings.simplefilter("ignore")
         trainer.fit(Module(model), DataLoader(TensorDataset(x, y), batch_size=8))
     logger.close()
+    del trainer  # Lightning leaves the group up and DDP in reference cycles: an orderly teardown
+    gc.collect()
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
