@@ -163,11 +163,12 @@ def run_ranks(body: Callable[..., None], world: int, folder: Path, tag: str,
     """Run ``body`` on ``world`` gloo processes (each with one thread); raise if any rank failed.
 
     CI once saw one rank of three die by SIGABRT inside gloo (``terminate called without an
-    active exception``), which 40 local repetitions did not reproduce. So a rank killed by a
-    signal after *every* rank finished its work and passed the final barrier (a death in
-    torch.distributed's own teardown; the results are complete) only warns, and a death by a
-    signal before that point is retried once, with a warning: a crash that curvlab causes (an
-    unmatched collective, say) happens again and raises. Python exceptions always raise.
+    active exception``), which 40 local repetitions did not reproduce. So a rank that dies
+    without a Python exception (a signal, a C++ abort) after *every* rank finished its work and
+    passed the final barrier (a death in torch.distributed's own teardown; the results are
+    complete) only warns, and such a death before that point is retried once, with a warning: a
+    crash that curvlab causes (an unmatched collective, say) happens again and raises. Python
+    exceptions always raise.
     """
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     for attempt in (1, 2):
