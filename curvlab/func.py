@@ -24,8 +24,9 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -52,9 +53,29 @@ class ParamLayout:
     def from_params(cls, params: Mapping[str, Tensor]) -> ParamLayout:
         return cls(tuple(params), tuple(p.shape for p in params.values()))
 
-    @property
+    @cached_property
     def sizes(self) -> list[int]:
         return [s.numel() for s in self.shapes]
+
+    @cached_property
+    def _strided(self) -> list[tuple[torch.Size, tuple[int, ...], int]]:
+        """``(shape, contiguous strides, offset)`` of each parameter's piece of a flat vector."""
+        offsets = [0]
+        for n in self.sizes[:-1]:
+            offsets.append(offsets[-1] + n)
+        return [(s, torch.empty(s, device="meta").stride(), o)
+                for s, o in zip(self.shapes, offsets, strict=True)]
+
+    def pieces(self, v: Tensor) -> list[Tensor]:
+        """Views of a contiguous ``v (P,)`` with the parameter shapes, in layout order.
+
+        One ``as_strided`` per parameter, a third of the cost of ``unravel``'s split and view.
+        Only for vectors that stay outside autograd graphs (as_strided's backward is a scatter
+        into a zero buffer of size P); use :meth:`unravel` for tensors that require grad.
+        """
+        base = v.storage_offset()  # as_strided's offsets count from the start of the storage
+        return [v.as_strided(shape, stride, base + offset)
+                for shape, stride, offset in self._strided]
 
     @property
     def numel(self) -> int:
@@ -169,23 +190,36 @@ def forward_context(
     modules = list(model.modules())
     flags = [m.training for m in modules]
     tracking = [m for m in modules if isinstance(m, _BATCHNORM) and m.track_running_stats]
+    evaluate = not train_mode and any(flags)  # skip the walks when already in eval mode
+    generators = [torch.default_generator]
+    if device.type == "cuda":
+        generators.append(torch.cuda.default_generators[device.index or 0])
+    states = [g.get_state() for g in generators]
     module: nn.Module
-    cuda = [device] if device.type == "cuda" else []
     try:
-        if not train_mode and any(flags):  # skip the module walk when already in eval mode
+        if evaluate:
             model.eval()
         for bn in tracking:
             bn.track_running_stats = bn.training is False  # eval mode still reads running stats
-        with torch.random.fork_rng(devices=cuda), sdpa_kernel(SDPBackend.MATH):
-            torch.default_generator.manual_seed(seed)
-            if cuda:
-                torch.cuda.default_generators[device.index or 0].manual_seed(seed)
+        for g in generators:
+            g.manual_seed(seed)
+        with nullcontext() if _math_sdpa_only() else sdpa_kernel(SDPBackend.MATH):
             yield
     finally:
-        for module, flag in zip(modules, flags, strict=True):
-            module.training = flag
+        for g, state in zip(generators, states, strict=True):
+            g.set_state(state)
+        if evaluate:
+            for module, flag in zip(modules, flags, strict=True):
+                module.training = flag
         for bn in tracking:
             bn.track_running_stats = True
+
+
+def _math_sdpa_only() -> bool:
+    """Whether attention already runs on the math backend alone (an enclosing ``sdpa_kernel``)."""
+    b = torch.backends.cuda
+    return b.math_sdp_enabled() and not (b.flash_sdp_enabled() or b.mem_efficient_sdp_enabled()
+                                         or b.cudnn_sdp_enabled())
 
 
 def _as_tuple(tensors: tuple[Tensor | None, ...], like: list[Tensor]) -> list[Tensor]:
@@ -194,7 +228,7 @@ def _as_tuple(tensors: tuple[Tensor | None, ...], like: list[Tensor]) -> list[Te
 
 def make_hvp_revrev(
     loss: Callable[[Params], Tensor],
-    theta: Tensor,
+    primals: Params,
     layout: ParamLayout,
     *,
     context: Callable[[], Any],
@@ -203,46 +237,45 @@ def make_hvp_revrev(
 ) -> Product:
     """Reverse-over-reverse HVP factory: one forward/backward now, one second backward per vector.
 
-    ``theta (P,)`` holds the parameters flat (``layout.ravel`` of them); they enter the graph as
-    views of one leaf that shares its memory. The first-order gradient is kept per parameter
-    (``g_i = dL/dtheta_i``), and ``H v = d(sum_i <g_i, v_i>)/dtheta`` comes back from autograd
-    already flat: the split's backward, the engine's last step, concatenates it. A single flat
-    gradient (one more concatenation, recorded in the graph) measured 3-6% slower per product
-    without reuse on the CNN of benchmarks/hvp.py. For a block, each column's result is
-    concatenated straight into its row of the output.
+    The parameters enter the graph as leaves ``theta_i`` that share the memory of ``primals``;
+    the first-order gradient is kept per parameter (``g_i = dL/dtheta_i``), and column ``j`` of
+    the result is ``H v_j = d(sum_i <g_i, v_ji>)/dtheta``, concatenated straight into row ``j`` of
+    an ``(m, P)`` buffer that is returned transposed, ``(P, m)`` with contiguous columns. The
+    pieces ``v_ji`` are ``as_strided`` views of the column (:meth:`ParamLayout.pieces`).
+
+    Measured per product on the models of benchmarks/hvp.py at batch 1, where only this
+    bookkeeping differs from a plain double backward: leaves per parameter cost 30-280 us less
+    than views of one flat leaf (whose split backward would return ``H v`` flat), and the views
+    of ``v`` a third of a split and reshape. A single flat gradient (one more concatenation,
+    recorded in the graph) measured 3-6% slower per product without reuse on the CNN.
 
     The first-order graph (activations and the gradient's own graph, roughly two to three times
     the memory of a training step) is held by the returned closure until it is dropped. With
     ``reuse=False`` the product may be called once: its last backward frees the graph as it goes
     (as a plain double backward does), which is measurably faster than retaining it.
     """
-    theta = theta.detach().requires_grad_(True)  # (P,), a leaf sharing the caller's memory
+    leaves = [p.detach().requires_grad_(True) for p in primals.values()]  # the primals' memory
     with torch.enable_grad():
-        views = list(layout.unravel(theta).values())  # views of theta, the parameter shapes
         with context():
-            value = loss(dict(zip(layout.names, views, strict=True)))
+            value = loss(dict(zip(layout.names, leaves, strict=True)))
         check_loss(value)
-        grads = torch.autograd.grad(value, views, create_graph=True, allow_unused=True)
+        grads = torch.autograd.grad(value, leaves, create_graph=True, allow_unused=True)
     live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
     if not live:  # the gradient does not depend on the parameters: H = 0
         return lambda V: V.new_zeros(V.shape)
     outputs = [grads[i] for i in live]
 
     def grad_outputs(column: Tensor) -> list[Tensor]:  # column (P,) -> v_i of the live g_i
-        chunks = torch.split(column, layout.sizes)
-        return [chunks[i].view(layout.shapes[i]) for i in live]
+        pieces = layout.pieces(column)
+        return pieces if len(live) == len(pieces) else [pieces[i] for i in live]
 
     def product(V: Tensor) -> Tensor:
         m = V.shape[1]
-        if m == 1:
-            (hv,) = torch.autograd.grad(outputs, theta, grad_outputs(V[:, 0].contiguous()),
-                                        retain_graph=reuse)  # (P,)
-            return hv[:, None]  # (P, 1)
         out = V.new_empty(m, V.shape[0])  # (m, P), every row written below
         for j in range(m):
             # A column of a row-major block is copied once (free when V = W.T for W (m, P), the
             # layout this function returns); the result goes to row j with one concatenation.
-            parts = torch.autograd.grad(outputs, views, grad_outputs(V[:, j].contiguous()),
+            parts = torch.autograd.grad(outputs, leaves, grad_outputs(V[:, j].contiguous()),
                                         retain_graph=reuse or j < m - 1, allow_unused=True,
                                         materialize_grads=True)
             torch.cat([h.reshape(-1) for h in parts], out=out[j])  # (P,)

@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 from typing import Any
@@ -212,8 +213,8 @@ class _CurvatureOperator(OperatorBase):
             shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
             raise ValueError(f"{self._name}: loss_fn must return the batch mean as a scalar "
                              f"tensor, got {shape} for batch {index}; use reduction='mean'")
-        if finite and not torch.isfinite(value):
-            raise ValueError(f"{self._name}: the loss of batch {index} is {value.item()}; "
+        if finite and not math.isfinite(loss := value.item()):
+            raise ValueError(f"{self._name}: the loss of batch {index} is {loss}; "
                              "curvature is undefined there (check the data and the parameters)")
 
     def _context(self, index: int) -> Any:
@@ -324,7 +325,7 @@ class HessianOperator(_CurvatureOperator):
         context = partial(self._context, index)
         check = partial(self._check_loss, index=index)
         if self.method == "rev-rev":
-            return func.make_hvp_revrev(loss, self._theta, self.layout, context=context,
+            return func.make_hvp_revrev(loss, self._primals, self.layout, context=context,
                                         check_loss=check, reuse=self.reuse_graph)
         return func.make_hvp_fwdrev(loss, self._primals, self.layout, context=context,
                                     check_loss=check)

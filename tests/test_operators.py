@@ -302,3 +302,17 @@ def test_block_layouts_give_the_same_products(reuse: bool) -> None:
     for block in (V, V.T.contiguous().T, V[:, ::2]):
         assert_rel_close(H @ block, H_dense @ block)
     assert_rel_close(H @ V[:, 3], H_dense @ V[:, 3])  # a strided single column
+
+
+def test_layout_pieces_are_the_unravelled_views_at_any_offset() -> None:
+    # pieces() views a contiguous vector by as_strided; its offsets must count from the vector,
+    # not from the start of its storage (a column of V = W.T starts at j * P).
+    layout = cl.func.ParamLayout(("a", "b", "c"), (torch.Size([2, 3]), torch.Size([4]),
+                                                   torch.Size([1, 2, 2])))
+    W = torch.randn(3, layout.numel, dtype=torch.float64)  # (3, P)
+    for v in (W[1], W.T[:, 2]):  # rows of W: contiguous, at storage offsets P and 2 P
+        assert v.storage_offset() > 0
+        expected = list(layout.unravel(v).values())
+        for piece, want in zip(layout.pieces(v), expected, strict=True):
+            assert piece.shape == want.shape
+            assert torch.equal(piece, want)
