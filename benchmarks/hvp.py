@@ -37,7 +37,7 @@ Targets (CPU, ratios within one run): with graph reuse, curvlab's product is no 
 PyHessian's cached product (expected about 1.3-2x a gradient); without reuse, curvlab's rev-rev is
 no slower than plain double backward; per vector, m = 8 is no slower than m = 1.
 
-Run ``python benchmarks/hvp.py`` (about 30 minutes on two CPU cores) or ``--quick`` for a smoke run
+Run ``python benchmarks/hvp.py`` (about 50 minutes on two CPU cores) or ``--quick`` for a smoke run
 (under a minute, one thread). On a shared machine pass ``--threads 1``: two OpenMP threads next
 to another busy process slow down erratically (up to 8x); the JSON records the other load.
 Results go to ``benchmarks/results/hvp_<device>.json`` and ``.md`` (``--out`` to change); the HVP
@@ -262,7 +262,7 @@ def targets_in_processes(name: str, args: argparse.Namespace, device: torch.devi
     rounds each gave 0.99-1.04 for curvlab / double backward, and 0.99-1.04 as well for a double
     backward through ``functional_call`` on the very same tensors against the plain one. Pooling
     many short processes averages that out: 8 processes of 20 rounds bound the pooled ratio
-    better than 3 of 40 in about the same time.
+    better than 3 of 40 (the whole run takes 50 minutes instead of 31).
     """
     runs: dict[str, list[dict[str, list[float]]]] = {}
     for k in range(args.processes):
