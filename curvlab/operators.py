@@ -174,8 +174,8 @@ class _CurvatureOperator(OperatorBase):
         self.shape = (self.layout.numel, self.layout.numel)
         self.dtype, self.device = first.dtype, first.device
         # A snapshot: the operator is the curvature at the parameters it was built with.
-        self._theta = self.layout.ravel({n: p.detach() for n, p in chosen.items()})  # (P,) copy
-        self._primals = self.layout.unravel(self._theta)  # name -> view of the snapshot
+        snapshot = self.layout.ravel({n: p.detach() for n, p in chosen.items()})  # (P,), a copy
+        self._primals = self.layout.unravel(snapshot)  # name -> view of the snapshot
         self._frozen = {n: p.detach() for n, p in model.named_parameters() if n not in chosen}
         self._frozen.update({n: b.detach().clone() for n, b in model.named_buffers()})
         self.model, self.loss_fn = model, loss_fn
