@@ -222,10 +222,6 @@ def _math_sdpa_only() -> bool:
                                          or b.cudnn_sdp_enabled())
 
 
-def _as_tuple(tensors: tuple[Tensor | None, ...], like: list[Tensor]) -> list[Tensor]:
-    return [torch.zeros_like(x) if t is None else t for t, x in zip(tensors, like, strict=True)]
-
-
 def make_hvp_revrev(
     loss: Callable[[Params], Tensor],
     primals: Params,
@@ -363,8 +359,8 @@ def make_ggnvp_revrev(
                 continue
             hjv = torch.autograd.grad(grad_f, f_leaf, grad_outputs=jv, retain_graph=True)[0]
             jthjv = torch.autograd.grad(f, leaves, grad_outputs=hjv, retain_graph=True,
-                                        allow_unused=True)
-            torch.cat([h.reshape(-1) for h in _as_tuple(jthjv, leaves)], out=out[j])  # (P,)
+                                        allow_unused=True, materialize_grads=True)
+            torch.cat([h.reshape(-1) for h in jthjv], out=out[j])  # (P,)
         return out.T  # (P, m)
 
     return product
