@@ -243,7 +243,11 @@ def make_hvp_revrev(
     bookkeeping differs from a plain double backward: leaves per parameter cost 30-280 us less
     than views of one flat leaf (whose split backward would return ``H v`` flat), and the views
     of ``v`` a third of a split and reshape. A single flat gradient (one more concatenation,
-    recorded in the graph) measured 3-6% slower per product without reuse on the CNN.
+    recorded in the graph) measured 3-6% slower per product without reuse on the CNN. The
+    ``(m, P)`` output is allocated after the first backward: allocated before it, the same product
+    measured 2% slower on the MLP of benchmarks/hvp.py without reuse (8 fresh processes of 20
+    paired rounds, huge-page allocation on: 1.021 [1.008, 1.038] against the same code
+    allocating afterwards); the backward's large temporaries then land on other memory.
 
     The first-order graph (activations and the gradient's own graph, roughly two to three times
     the memory of a training step) is held by the returned closure until it is dropped. With
@@ -267,14 +271,20 @@ def make_hvp_revrev(
 
     def product(V: Tensor) -> Tensor:
         m = V.shape[1]
-        out = V.new_empty(m, V.shape[0])  # (m, P), every row written below
-        for j in range(m):
+
+        def backward(j: int) -> tuple[Tensor, ...]:  # the pieces of H v_j, one per parameter
             # A column of a row-major block is copied once (free when V = W.T for W (m, P), the
-            # layout this function returns); the result goes to row j with one concatenation.
-            parts = torch.autograd.grad(outputs, leaves, grad_outputs(V[:, j].contiguous()),
-                                        retain_graph=reuse or j < m - 1, allow_unused=True,
-                                        materialize_grads=True)
-            torch.cat([h.reshape(-1) for h in parts], out=out[j])  # (P,)
+            # layout this function returns).
+            return torch.autograd.grad(outputs, leaves, grad_outputs(V[:, j].contiguous()),
+                                       retain_graph=reuse or j < m - 1, allow_unused=True,
+                                       materialize_grads=True)
+
+        parts = backward(0)
+        out = V.new_empty(m, V.shape[0])  # (m, P); allocated after a backward, see the docstring
+        for j in range(m):
+            if j:
+                parts = backward(j)
+            torch.cat([h.reshape(-1) for h in parts], out=out[j])  # row j: one concatenation
         return out.T  # (P, m)
 
     return product
