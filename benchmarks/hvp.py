@@ -25,6 +25,8 @@ the drifts of a shared machine cancel:
 - ``H @ V`` for a block of m = 8 columns against the same 8 columns as 8 calls ``H @ v``. The
   block is given with contiguous columns (``V = W.T`` for ``W (8, P)``), the layout that
   ``H @ V`` returns; a row-major block, which costs one gather per column, is reported beside it.
+- a plain double backward against itself, an A/A control: how far apart two identical calls
+  come out in the same design (not a target).
 
 The blocks m = 1, 8, 32 of each route are one more group (products/s in the table). Every timing
 runs with the math attention backend, which curvlab uses too (the fused CPU kernels have no double
@@ -37,7 +39,7 @@ Targets (CPU, ratios within one run): with graph reuse, curvlab's product is no 
 PyHessian's cached product (expected about 1.3-2x a gradient); without reuse, curvlab's rev-rev is
 no slower than plain double backward; per vector, m = 8 is no slower than m = 1.
 
-Run ``python benchmarks/hvp.py`` (about 50 minutes on two CPU cores) or ``--quick`` for a smoke run
+Run ``python benchmarks/hvp.py`` (about an hour on two CPU cores) or ``--quick`` for a smoke run
 (under a minute, one thread). On a shared machine pass ``--threads 1``: two OpenMP threads next
 to another busy process slow down erratically (up to 8x); the JSON records the other load.
 Results go to ``benchmarks/results/hvp_<device>.json`` and ``.md`` (``--out`` to change); the HVP
@@ -74,6 +76,7 @@ from curvlab.testing import TinyTransformer
 HERE = Path(__file__).resolve().parent
 MODELS = ("mlp", "cnn", "transformer")
 BLOCKS = (1, 8, 32)
+CONTROL = "control: double backward / itself"
 CURVLAB = {  # label -> HessianOperator keyword arguments
     "curvlab rev-rev reuse": {"method": "rev-rev"},
     "curvlab rev-rev no reuse": {"method": "rev-rev", "reuse_graph": False},
@@ -184,6 +187,8 @@ def target_groups(ops: dict[str, Any], others: dict[str, Callable[[], Any]], v: 
             "curvlab": lambda: reuse @ v, "other": others["PyHessian cached"]}
     groups["curvlab rev-rev no reuse / double backward"] = {
         "curvlab": lambda: no_reuse @ v, "other": others["double backward"]}
+    # A/A control: the same call on both sides; its spread is what the pairs can resolve.
+    groups[CONTROL] = {"curvlab": others["double backward"], "other": others["double backward"]}
     for label, op in (("reuse", reuse), ("no reuse", no_reuse)):
         groups[f"{label}: m=8 block / 8 single products"] = {
             "curvlab": lambda op=op: op @ block, "other": lambda op=op: [op @ c for c in columns]}
@@ -260,9 +265,11 @@ def targets_in_processes(name: str, args: argparse.Namespace, device: torch.devi
     processes the same pair of products differs by up to 3-4% for that reason alone, more than
     the rounds within one process vary. Measured on the MLP without reuse, six processes of 40
     rounds each gave 0.99-1.04 for curvlab / double backward, and 0.99-1.04 as well for a double
-    backward through ``functional_call`` on the very same tensors against the plain one. Pooling
-    many short processes averages that out: 8 processes of 20 rounds bound the pooled ratio
-    better than 3 of 40 (the whole run takes 50 minutes instead of 31).
+    backward through ``functional_call`` on the very same tensors against the plain one; a plain
+    double backward against the very same function gave 0.965-1.037 in eight processes. That
+    variation between processes, not the rounds within one, limits the pooled ratio, so the
+    targets run in 16 processes of 10 rounds (before: 8 of 20, and 3 of 40). The A/A control
+    (``CONTROL``) measures in every run how far apart two identical calls come out.
     """
     runs: dict[str, list[dict[str, list[float]]]] = {}
     for k in range(args.processes):
@@ -452,14 +459,18 @@ def markdown(result: dict[str, Any]) -> str:
               "from a bootstrap over processes and rounds (target <= 1; \"within noise\": the "
               "median is above 1 but the interval reaches 1, so the run cannot tell the two "
               "apart). The m = 8 cells compare one `H @ V` with the same 8 columns as 8 calls "
-              "`H @ v`:", "",
+              "`H @ v`. The last column times one call against itself in the same way: how far "
+              "from 1 two identical calls come out on this machine:", "",
               "| model | reuse / PyHessian cached | no reuse / double backward | m=8 block / 8 "
-              "single, reuse | m=8 block / 8 single, no reuse |", "|---|---|---|---|---|"]
+              "single, reuse | m=8 block / 8 single, no reuse | A/A control: double backward / "
+              "itself |", "|---|---|---|---|---|---|"]
     keys = ["curvlab reuse / PyHessian cached", "curvlab rev-rev no reuse / double backward",
             "reuse: m=8 block / 8 single products", "no reuse: m=8 block / 8 single products"]
     for name, r in result["models"].items():
         q = r["paired_ratios"]
-        lines.append(f"| {name} | " + " | ".join(fmt(q.get(k)) for k in keys) + " |")
+        control = q.get(CONTROL)
+        lines.append(f"| {name} | " + " | ".join(fmt(q.get(k)) for k in keys) + " | "
+                     + (fmt(control).rsplit(" (", 1)[0] if control else "n/a") + " |")
     lines += ["", "Not targets: a row-major m = 8 block (one strided gather per column) against "
               "8 single products, reuse; and the per-vector time at m = 8 over m = 1 from the "
               "blocks group (medians of different rounds):", "",
@@ -522,9 +533,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 25; 3)")
     parser.add_argument("--target-rounds", type=int, default=None,
-                        help="rounds of each target pair in each process (default 20; 3)")
+                        help="rounds of each target pair in each process (default 10; 3)")
     parser.add_argument("--processes", type=int, default=None,
-                        help="fresh processes that time the targets (default 8; 1 with --quick)")
+                        help="fresh processes that time the targets (default 16; 1 with --quick)")
     parser.add_argument("--targets-of", choices=MODELS, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--no-malloc-tuning", action="store_true",
                         help="leave glibc's malloc as it is (see keep_freed_memory)")
@@ -537,8 +548,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="JSON path (default benchmarks/results/hvp_<device>[_quick].json)")
     args = parser.parse_args(argv)
     args.repeats = args.repeats or (3 if args.quick else 25)
-    args.target_rounds = args.target_rounds or (3 if args.quick else 20)
-    args.processes = args.processes or (1 if args.quick else 8)
+    args.target_rounds = args.target_rounds or (3 if args.quick else 10)
+    args.processes = args.processes or (1 if args.quick else 16)
     malloc = None if args.no_malloc_tuning else keep_freed_memory()
     device = torch.device(args.device)
     if args.threads or args.quick:  # a smoke run must not stall next to other work

@@ -258,7 +258,7 @@ class _CurvatureOperator(OperatorBase):
         for index, batch in enumerate(self._batches):
             _, _, n = self._split(batch, index)
             out = self._product(index, batch)(V)  # (P, m), curvature of the batch mean
-            if not torch.isfinite(out.sum()) and not torch.isfinite(out).all():  # cheap first
+            if not math.isfinite(out.sum().item()) and not torch.isfinite(out).all():  # cheap first
                 raise ValueError(f"{call}: the product for batch {index} is not finite; the "
                                  "loss or its derivatives overflow there (try float64 or check "
                                  "the inputs)")
