@@ -245,9 +245,11 @@ def make_hvp_revrev(
     of ``v`` a third of a split and reshape. A single flat gradient (one more concatenation,
     recorded in the graph) measured 3-6% slower per product without reuse on the CNN. The
     ``(m, P)`` output is allocated after the first backward: allocated before it, the same product
-    measured 2% slower on the MLP of benchmarks/hvp.py without reuse (8 fresh processes of 20
-    paired rounds, huge-page allocation on: 1.021 [1.008, 1.038] against the same code
-    allocating afterwards); the backward's large temporaries then land on other memory.
+    measured 2% slower on the MLP of benchmarks/hvp.py without reuse: 1.021 [1.008, 1.038]
+    against the same code allocating afterwards, in 8 fresh processes of 20 paired rounds with
+    torch's huge-page allocation on (``THP_MEM_ALLOC_ENABLE=1``, which steadied the pairs; an A/A
+    pair gave 0.992 [0.978, 1.005]). Presumably the backward's large temporaries then land on
+    other memory; that cause is not verified.
 
     The first-order graph (activations and the gradient's own graph, roughly two to three times
     the memory of a training step) is held by the returned closure until it is dropped. With
