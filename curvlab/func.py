@@ -181,11 +181,14 @@ def forward_context(
     - ``train_mode=False``: the model is put in eval mode; ``True``: modes are left as they are,
       but train-mode BatchNorm stops tracking running statistics (its output, from batch
       statistics, is unchanged; its buffers are never written).
-    - The global RNG (CPU and the model's CUDA device) is forked and seeded with ``seed``, so every
-      forward draws the same Dropout masks and the caller's RNG state is untouched.
-    - Scaled dot-product attention uses the math backend: the fused CPU kernels implement neither
-      forward-mode AD nor double backward.
-    - Module training flags and ``track_running_stats`` are restored exactly, module by module.
+    - The global RNG (CPU and the model's CUDA device) is seeded with ``seed``, so every forward
+      draws the same Dropout masks; the caller's generator states are saved before and set back
+      after, so the caller's RNG is untouched.
+    - Scaled dot-product attention uses the math backend (entered only when an enclosing
+      ``sdpa_kernel`` has not already made it the only one): the fused CPU kernels implement
+      neither forward-mode AD nor double backward.
+    - The training flags this context changed (module by module) and ``track_running_stats``
+      are restored exactly.
     """
     modules = list(model.modules())
     flags = [m.training for m in modules]
