@@ -31,9 +31,10 @@ the drifts of a shared machine cancel:
 The blocks m = 1, 8, 32 of each route are one more group (products/s in the table). Every timing
 runs with the math attention backend, which curvlab uses too (the fused CPU kernels have no double
 backward). On Linux the benchmark sets glibc's malloc to keep freed memory (``mallopt``: trim
-threshold 16 GiB, mmap threshold 32 MiB) for every candidate alike: otherwise each product's
-temporaries come back from the kernel as fresh pages (about 7,000 page faults, a tenth of a CNN
-product's time), which adds noise; ``--no-malloc-tuning`` turns it off, and the JSON records it.
+threshold 2 GiB - 1, mmap threshold 32 MiB) for every candidate alike: otherwise each product's
+temporaries come back from the kernel as fresh pages (1,500-2,500 minor page faults per MLP
+product, and about 7,000 per CNN product, a tenth of its time), which adds noise;
+``--no-malloc-tuning`` turns it off, and the JSON records it.
 
 Targets (CPU, ratios within one run): with graph reuse, curvlab's product is no slower than
 PyHessian's cached product (expected about 1.3-2x a gradient); without reuse, curvlab's rev-rev is
@@ -156,17 +157,25 @@ def paired_ratio(num: list[float], den: list[float], scale: float = 1.0) -> dict
 def keep_freed_memory() -> dict[str, int] | None:
     """Make glibc's malloc keep freed memory instead of returning it to the kernel.
 
-    Sets the trim threshold to 16 GiB and the mmap threshold to 32 MiB (``mallopt``, process-wide,
-    every candidate alike), so that the temporaries of repeated products reuse pages instead of
-    faulting fresh ones in. Returns the settings, or ``None`` where there is no glibc.
+    Sets the trim threshold to ``2**31 - 1`` bytes (the largest ``mallopt`` takes: its value is a
+    C ``int``) and the mmap threshold to 32 MiB (process-wide, every candidate alike), so that the
+    temporaries of repeated products reuse pages instead of faulting fresh ones in. Returns the
+    settings, or ``None`` where there is no glibc.
+
+    Up to commit f89c612 the trim threshold was ``2**34``, which ctypes silently truncated to 0
+    (trim on every free): every product then faulted its temporaries in again, 1,500-2,500 minor
+    page faults per MLP product. Values are now checked to round-trip through a C ``int``.
     """
     name = ctypes.util.find_library("c")
     if sys.platform != "linux" or name is None:
         return None
     libc = ctypes.CDLL(name)
-    settings = {"M_TRIM_THRESHOLD": 1 << 34, "M_MMAP_THRESHOLD": 1 << 25}
+    settings = {"M_TRIM_THRESHOLD": 2**31 - 1, "M_MMAP_THRESHOLD": 1 << 25}
     codes = {"M_TRIM_THRESHOLD": -1, "M_MMAP_THRESHOLD": -3}  # glibc's malloc.h
-    if not all(libc.mallopt(codes[k], v) == 1 for k, v in settings.items()):
+    for key, value in settings.items():
+        if ctypes.c_int(value).value != value:  # ctypes would truncate it without a word
+            raise ValueError(f"keep_freed_memory: {key} must fit a C int, got {value}")
+    if not all(libc.mallopt(codes[k], ctypes.c_int(v)) == 1 for k, v in settings.items()):
         return None
     return settings
 
