@@ -32,8 +32,9 @@ The blocks m = 1, 8, 32 of each route are one more group (products/s in the tabl
 runs with the math attention backend, which curvlab uses too (the fused CPU kernels have no double
 backward). On Linux the benchmark sets glibc's malloc to keep freed memory (``mallopt``: trim
 threshold 2 GiB - 1, mmap threshold 32 MiB) for every candidate alike: otherwise each product's
-temporaries come back from the kernel as fresh pages (1,500-2,500 minor page faults per MLP
-product, and about 7,000 per CNN product, a tenth of its time), which adds noise;
+temporaries come back from the kernel as fresh pages (with glibc's defaults, 1,600-1,800 minor
+page faults per MLP product and 11,000-12,000 per CNN product, which then took 1.5 times as long;
+none with the setting), which adds noise;
 ``--no-malloc-tuning`` turns it off, and the JSON records it.
 
 Targets (CPU, ratios within one run): with graph reuse, curvlab's product is no slower than
@@ -277,7 +278,9 @@ def targets_in_processes(name: str, args: argparse.Namespace, device: torch.devi
     backward through ``functional_call`` on the very same tensors against the plain one; a plain
     double backward against the very same function gave 0.965-1.037 in eight processes. That
     variation between processes, not the rounds within one, limits the pooled ratio, so the
-    targets run in 16 processes of 10 rounds (before: 8 of 20, and 3 of 40). The A/A control
+    targets run in 16 processes of 10 rounds (before: 8 of 20, and 3 of 40). Those spreads were
+    measured while the malloc setting was broken (see :func:`keep_freed_memory`); with it fixed,
+    the A/A control's per-process medians still spread 0.96-1.04. The A/A control
     (``CONTROL``) measures in every run how far apart two identical calls come out.
     """
     runs: dict[str, list[dict[str, list[float]]]] = {}

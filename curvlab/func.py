@@ -246,13 +246,16 @@ def make_hvp_revrev(
     bookkeeping differs from a plain double backward: leaves per parameter cost 30-280 us less
     than views of one flat leaf (whose split backward would return ``H v`` flat), and the views
     of ``v`` a third of a split and reshape. A single flat gradient (one more concatenation,
-    recorded in the graph) measured 3-6% slower per product without reuse on the CNN. The
-    ``(m, P)`` output is allocated after the first backward: allocated before it, the same product
-    measured 2% slower on the MLP of benchmarks/hvp.py without reuse: 1.021 [1.008, 1.038]
-    against the same code allocating afterwards, in 8 fresh processes of 20 paired rounds with
-    torch's huge-page allocation on (``THP_MEM_ALLOC_ENABLE=1``, which steadied the pairs; an A/A
-    pair gave 0.992 [0.978, 1.005]). Presumably the backward's large temporaries then land on
-    other memory; that cause is not verified.
+    recorded in the graph) measured 3-6% slower per product without reuse on the CNN. At full
+    size (the MLP and the transformer of benchmarks/hvp.py without reuse, 12-16 fresh processes of
+    20 paired rounds), split views made once against the pieces gave 0.993 [0.987, 1.002] and
+    1.009 [0.992, 1.024] of the product: within noise either way, so the cheaper call stays.
+
+    The ``(m, P)`` output is allocated after the first backward. Allocated before it, the product
+    measured 2% slower on that MLP, but only while glibc handed freed memory back to the kernel
+    at every free (the benchmark's malloc setting was broken then): with freed memory kept, the
+    order makes no difference (1.002 [0.993, 1.011]). Allocating after costs nothing, and it may
+    help where the allocator returns memory, which glibc does by default for large blocks.
 
     The first-order graph (activations and the gradient's own graph, roughly two to three times
     the memory of a training step) is held by the returned closure until it is dropped. With
