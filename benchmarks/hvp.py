@@ -34,8 +34,8 @@ backward). On Linux the benchmark sets glibc's malloc to keep freed memory (``ma
 threshold 2 GiB - 1, mmap threshold 32 MiB) for every candidate alike: otherwise each product's
 temporaries come back from the kernel as fresh pages (with glibc's defaults, 1,600-1,800 minor
 page faults per MLP product and 11,000-12,000 per CNN product, which then took 1.5 times as long;
-none with the setting), which adds noise;
-``--no-malloc-tuning`` turns it off, and the JSON records it.
+none with the setting), which adds noise; ``--no-malloc-tuning`` turns it off, and the JSON
+records it.
 
 Targets (CPU, ratios within one run): with graph reuse, curvlab's product is no slower than
 PyHessian's cached product (expected about 1.3-2x a gradient); without reuse, curvlab's rev-rev is
@@ -155,27 +155,29 @@ def paired_ratio(num: list[float], den: list[float], scale: float = 1.0) -> dict
     return pooled_ratio([{"curvlab": num, "other": [scale * d for d in den]}])
 
 
-def keep_freed_memory() -> dict[str, int] | None:
+def keep_freed_memory(trim: int = 2**31 - 1, mmap: int = 1 << 25) -> dict[str, int] | None:
     """Make glibc's malloc keep freed memory instead of returning it to the kernel.
 
-    Sets the trim threshold to ``2**31 - 1`` bytes (the largest ``mallopt`` takes: its value is a
-    C ``int``) and the mmap threshold to 32 MiB (process-wide, every candidate alike), so that the
-    temporaries of repeated products reuse pages instead of faulting fresh ones in. Returns the
-    settings, or ``None`` where there is no glibc.
+    Sets the trim threshold to ``trim`` bytes (default ``2**31 - 1``, the largest ``mallopt``
+    takes: its value is a C ``int``) and the mmap threshold to ``mmap`` (default 32 MiB),
+    process-wide and for every candidate alike, so that the temporaries of repeated products reuse
+    pages instead of faulting fresh ones in. Returns the settings, or ``None`` where there is no
+    glibc. A value that does not fit a C ``int`` raises ``ValueError`` before anything is set.
 
     Up to commit f89c612 the trim threshold was ``2**34``, which ctypes silently truncated to 0
     (trim on every free): every product then faulted its temporaries in again, 1,500-2,500 minor
     page faults per MLP product. Values are now checked to round-trip through a C ``int``.
     """
+    settings = {"M_TRIM_THRESHOLD": trim, "M_MMAP_THRESHOLD": mmap}
+    for key, value in settings.items():
+        if ctypes.c_int(value).value != value:  # ctypes would truncate it without a word
+            raise ValueError(f"keep_freed_memory: {key} must fit a C int (-2**31 to "
+                             f"2**31 - 1), got {value}; pass a value in that range")
     name = ctypes.util.find_library("c")
     if sys.platform != "linux" or name is None:
         return None
     libc = ctypes.CDLL(name)
-    settings = {"M_TRIM_THRESHOLD": 2**31 - 1, "M_MMAP_THRESHOLD": 1 << 25}
     codes = {"M_TRIM_THRESHOLD": -1, "M_MMAP_THRESHOLD": -3}  # glibc's malloc.h
-    for key, value in settings.items():
-        if ctypes.c_int(value).value != value:  # ctypes would truncate it without a word
-            raise ValueError(f"keep_freed_memory: {key} must fit a C int, got {value}")
     if not all(libc.mallopt(codes[k], ctypes.c_int(v)) == 1 for k, v in settings.items()):
         return None
     return settings
@@ -280,7 +282,8 @@ def targets_in_processes(name: str, args: argparse.Namespace, device: torch.devi
     variation between processes, not the rounds within one, limits the pooled ratio, so the
     targets run in 16 processes of 10 rounds (before: 8 of 20, and 3 of 40). Those spreads were
     measured while the malloc setting was broken (see :func:`keep_freed_memory`); with it fixed,
-    the A/A control's per-process medians still spread 0.96-1.04. The A/A control
+    the A/A control's per-process medians still spread 0.94-1.06 (results of commit c7cb7c2),
+    which is why the process count stays. The A/A control
     (``CONTROL``) measures in every run how far apart two identical calls come out.
     """
     runs: dict[str, list[dict[str, list[float]]]] = {}

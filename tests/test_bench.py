@@ -156,3 +156,11 @@ def test_keep_freed_memory_stops_page_faults() -> None:
                                   capture_output=True, text=True, check=True).stdout.strip())
 
     assert faults("tuned") < 3072 < 2 * 3072 < faults("trim0")
+
+
+def test_keep_freed_memory_rejects_values_beyond_a_c_int() -> None:
+    # Raised before any mallopt call, so this process's malloc is left as it was.
+    with pytest.raises(ValueError, match=r"keep_freed_memory: M_TRIM_THRESHOLD must fit a C int"):
+        hvp.keep_freed_memory(trim=2**34)
+    with pytest.raises(ValueError, match=r"M_MMAP_THRESHOLD must fit a C int .* got -2147483649"):
+        hvp.keep_freed_memory(mmap=-(2**31) - 1)
