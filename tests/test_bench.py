@@ -155,7 +155,9 @@ def test_keep_freed_memory_stops_page_faults() -> None:
         return int(subprocess.run([sys.executable, "-c", PAGE_FAULTS, mode, str(BENCHMARKS)],
                                   capture_output=True, text=True, check=True).stdout.strip())
 
-    assert faults("tuned") < 3072 < 2 * 3072 < faults("trim0")
+    one_round = 3072  # pages
+    assert faults("tuned") < one_round
+    assert faults("trim0") > 2 * one_round
 
 
 def test_keep_freed_memory_rejects_values_beyond_a_c_int() -> None:
