@@ -16,7 +16,8 @@ d_model 64, 4 heads, 32 tokens, batch 64) -- it measures the median wall time of
 
 Candidates of one group are timed interleaved (round robin, rotating order) after a warm-up. The
 table's medians come from one group holding every route. Each target is timed in a group of its
-own, two candidates called back to back in alternating order for ``--target-rounds`` rounds, and
+own, two candidates called back to back in alternating order for ``--target-rounds`` rounds (the
+m = 8 pairs a quarter of them) in ``--processes`` fresh processes, and
 reported as the median over rounds of the per-round ratio with a 95% bootstrap interval, so that
 the drifts of a shared machine cancel:
 
@@ -211,17 +212,25 @@ def target_groups(ops: dict[str, Any], others: dict[str, Callable[[], Any]], v: 
 
 def baselines(model: nn.Module, criterion: nn.Module, x: Any, y: Any, v: torch.Tensor,
               device: torch.device) -> tuple[dict[str, Callable[[], Any]], Callable[[], None]]:
-    """Products ``H v`` (``v`` flat) of the other routes, and a function to free their graphs."""
+    """Products ``H v`` of the other routes, and a function to free their graphs.
+
+    Every product maps the flat ``v (P,)`` to a flat ``H v (P,)``, as curvlab's ``H @ v`` does:
+    the split of ``v`` into parameter-shaped views and the concatenation of the result are timed
+    on both sides (until commit e6ba85c the views were made once, outside the timing; making
+    them per call measured 1.002 [0.997, 1.007] of a double backward on the transformer).
+    """
     params = [p for p in model.parameters() if p.requires_grad]
-    chunks = v.split([p.numel() for p in params])
-    v_list = [c.view_as(p) for c, p in zip(chunks, params, strict=True)]
+    sizes = [p.numel() for p in params]
+
+    def pieces(w: torch.Tensor) -> list[torch.Tensor]:  # w (P,) -> views shaped like params
+        return [c.view_as(p) for c, p in zip(w.split(sizes), params, strict=True)]
 
     def flat(parts: Any) -> torch.Tensor:
         return torch.cat([t.reshape(-1) for t in parts])
 
     def double_backward() -> torch.Tensor:
         g = torch.autograd.grad(criterion(model(x), y), params, create_graph=True)
-        return flat(torch.autograd.grad(g, params, grad_outputs=v_list))
+        return flat(torch.autograd.grad(g, params, grad_outputs=pieces(v)))
 
     fns: dict[str, Callable[[], Any]] = {"double backward": double_backward}
     try:
@@ -234,7 +243,8 @@ def baselines(model: nn.Module, criterion: nn.Module, x: Any, y: Any, v: torch.T
             warnings.filterwarnings("ignore", "Using backward\\(\\) with create_graph")
             ph = pyhessian.hessian(model, criterion, data=(x, y), cuda=device.type == "cuda")
         gradsH, ph_params = ph.gradsH, ph.params
-        fns["PyHessian cached"] = lambda: flat(hessian_vector_product(gradsH, ph_params, v_list))
+        fns["PyHessian cached"] = lambda: flat(hessian_vector_product(gradsH, ph_params,
+                                                                        pieces(v)))
     try:
         from curvlinops import HessianLinearOperator
     except ImportError:
@@ -250,6 +260,12 @@ def baselines(model: nn.Module, criterion: nn.Module, x: Any, y: Any, v: torch.T
     return fns, release
 
 
+def rounds_of(key: str, rounds: int) -> int:
+    """Rounds of one target group: ``rounds`` for single products, a quarter (at least 3) for the
+    m = 8 groups, whose rounds cost 8 products a side and whose ratios sit far from 1."""
+    return max(3, rounds // 4) if "m=8" in key else rounds
+
+
 def time_targets(name: str, args: argparse.Namespace, device: torch.device
                  ) -> dict[str, dict[str, list[float]]]:
     """Seconds per call of both sides of every target pair (``target_groups``), in this process."""
@@ -263,7 +279,8 @@ def time_targets(name: str, args: argparse.Namespace, device: torch.device
            for label, kw in CURVLAB.items()}
     with sdpa_kernel(SDPBackend.MATH):
         others, release = baselines(model, criterion, x, y, v, device)
-        samples = {key: time_interleaved(pair, args.target_rounds, max(args.warmup, 5), device)
+        samples = {key: time_interleaved(pair, rounds_of(key, args.target_rounds),
+                                         max(args.warmup, 5), device)
                    for key, pair in target_groups(ops, others, v, block).items()}
         release()
     return samples
@@ -273,18 +290,19 @@ def targets_in_processes(name: str, args: argparse.Namespace, device: torch.devi
                          ) -> dict[str, list[dict[str, list[float]]]]:
     """``time_targets`` in ``args.processes`` fresh processes, one after another.
 
-    Each process builds its own graphs, which land at different places in memory; between
-    processes the same pair of products differs by up to 3-4% for that reason alone, more than
-    the rounds within one process vary. Measured on the MLP without reuse, six processes of 40
-    rounds each gave 0.99-1.04 for curvlab / double backward, and 0.99-1.04 as well for a double
-    backward through ``functional_call`` on the very same tensors against the plain one; a plain
-    double backward against the very same function gave 0.965-1.037 in eight processes. That
-    variation between processes, not the rounds within one, limits the pooled ratio, so the
-    targets run in 16 processes of 10 rounds (before: 8 of 20, and 3 of 40). Those spreads were
-    measured while the malloc setting was broken (see :func:`keep_freed_memory`); with it fixed,
-    the A/A control's per-process medians still spread 0.94-1.06 (results of commit c7cb7c2),
-    which is why the process count stays. The A/A control
-    (``CONTROL``) measures in every run how far apart two identical calls come out.
+    What limits the pooled ratio is the noise of single rounds, not a bias per process. On this
+    machine one round's ratio of two products varies with a standard deviation of 8-11% (the
+    machine's speed drifts by up to 40% within a second, wall time and CPU time alike, with no
+    steal time), so the median of 10 rounds varies by about 3.5% from process to process: the
+    0.94-1.06 spread of the A/A control's per-process medians in the results of commit c7cb7c2.
+    Measured on the transformer without reuse (4 processes of 250 rounds, commit e6ba85c), the
+    spread of per-process medians was no larger than the round noise predicts, for six pairs.
+    Earlier versions read that spread as a bias of each process's memory layout and ran 16
+    processes of 10 rounds; a random 64 B-256 KiB heap offset before every call did not change
+    the ratios either. The interval narrows with the total number of rounds, so the targets now
+    run in 8 processes of 40 rounds (the m = 8 groups 10, see :func:`rounds_of`), twice the
+    rounds of before in less time. The A/A control (``CONTROL``) measures in every run how far
+    apart two identical calls come out.
     """
     runs: dict[str, list[dict[str, list[float]]]] = {}
     for k in range(args.processes):
@@ -470,12 +488,13 @@ def markdown(result: dict[str, Any]) -> str:
     st = result["settings"]
     lines += ["", f"Targets, each timed head to head in {st['target_processes']} fresh processes "
               f"({st['target_rounds']} rounds each of the two calls back to back, alternating "
-              "order), as the median over all rounds of the per-round ratio with a 95% interval "
-              "from a bootstrap over processes and rounds (target <= 1; \"within noise\": the "
-              "median is above 1 but the interval reaches 1, so the run cannot tell the two "
-              "apart). The m = 8 cells compare one `H @ V` with the same 8 columns as 8 calls "
-              "`H @ v`. The last column times one call against itself in the same way: how far "
-              "from 1 two identical calls come out on this machine:", "",
+              f"order; the m = 8 pairs {rounds_of('m=8', st['target_rounds'])}), as the median "
+              "over all rounds of the per-round ratio with a 95% interval from a bootstrap "
+              "over processes and rounds (target <= 1; \"within noise\": the median is above 1 "
+              "but the interval reaches 1, so the run cannot tell the two apart). The m = 8 "
+              "cells compare one `H @ V` with the same 8 columns as 8 calls `H @ v`. The last "
+              "column times one call against itself in the same way: how far from 1 two "
+              "identical calls come out on this machine:", "",
               "| model | reuse / PyHessian cached | no reuse / double backward | m=8 block / 8 "
               "single, reuse | m=8 block / 8 single, no reuse | A/A control: double backward / "
               "itself |", "|---|---|---|---|---|---|"]
@@ -548,9 +567,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 25; 3)")
     parser.add_argument("--target-rounds", type=int, default=None,
-                        help="rounds of each target pair in each process (default 10; 3)")
+                        help="rounds of each target pair in each process (default 40; 3); the "
+                        "m = 8 pairs take a quarter of them")
     parser.add_argument("--processes", type=int, default=None,
-                        help="fresh processes that time the targets (default 16; 1 with --quick)")
+                        help="fresh processes that time the targets (default 8; 1 with --quick)")
     parser.add_argument("--targets-of", choices=MODELS, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--no-malloc-tuning", action="store_true",
                         help="leave glibc's malloc as it is (see keep_freed_memory)")
@@ -563,8 +583,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="JSON path (default benchmarks/results/hvp_<device>[_quick].json)")
     args = parser.parse_args(argv)
     args.repeats = args.repeats or (3 if args.quick else 25)
-    args.target_rounds = args.target_rounds or (3 if args.quick else 10)
-    args.processes = args.processes or (1 if args.quick else 16)
+    args.target_rounds = args.target_rounds or (3 if args.quick else 40)
+    args.processes = args.processes or (1 if args.quick else 8)
     malloc = None if args.no_malloc_tuning else keep_freed_memory()
     device = torch.device(args.device)
     if args.threads or args.quick:  # a smoke run must not stall next to other work

@@ -115,6 +115,10 @@ def test_hvp_verdicts_and_malloc_setting() -> None:
     assert hvp.verdict({"median": 0.99, "low": 0.97, "high": 1.02}) == "yes"
     assert hvp.verdict({"median": 1.01, "low": 0.99, "high": 1.03}) == "within noise"
     assert hvp.verdict({"median": 1.05, "low": 1.02, "high": 1.08}) == "no"
+    # Single products get every round; the m = 8 pairs a quarter, at least 3.
+    assert hvp.rounds_of(hvp.CONTROL, 40) == 40
+    assert hvp.rounds_of("reuse: m=8 block / 8 single products", 40) == 10
+    assert hvp.rounds_of("no reuse: m=8 block / 8 single products", 3) == 3
     code = f"import sys; sys.path.insert(0, {str(BENCHMARKS)!r}); import hvp; " \
            "print(hvp.keep_freed_memory())"  # process-wide, so in a child process
     printed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
