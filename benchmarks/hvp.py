@@ -42,7 +42,7 @@ Targets (CPU, ratios within one run): with graph reuse, curvlab's product is no 
 PyHessian's cached product (expected about 1.3-2x a gradient); without reuse, curvlab's rev-rev is
 no slower than plain double backward; per vector, m = 8 is no slower than m = 1.
 
-Run ``python benchmarks/hvp.py`` (about an hour on two CPU cores) or ``--quick`` for a smoke run
+Run ``python benchmarks/hvp.py`` (about 30 minutes on two CPU cores) or ``--quick`` for a smoke run
 (under a minute, one thread). On a shared machine pass ``--threads 1``: two OpenMP threads next
 to another busy process slow down erratically (up to 8x); the JSON records the other load.
 Results go to ``benchmarks/results/hvp_<device>.json`` and ``.md`` (``--out`` to change); the HVP

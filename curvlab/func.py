@@ -246,10 +246,15 @@ def make_hvp_revrev(
     bookkeeping differs from a plain double backward: leaves per parameter cost 30-280 us less
     than views of one flat leaf (whose split backward would return ``H v`` flat), and the views
     of ``v`` a third of a split and reshape. A single flat gradient (one more concatenation,
-    recorded in the graph) measured 3-6% slower per product without reuse on the CNN. At full
-    size (the MLP and the transformer of benchmarks/hvp.py without reuse, 12-16 fresh processes of
-    20 paired rounds), split views made once against the pieces gave 0.993 [0.987, 1.002] and
-    1.009 [0.992, 1.024] of the product: within noise either way, so the cheaper call stays.
+    recorded in the graph, so that the second backward takes ``v`` whole) measured 3-6% slower
+    without reuse on the CNN under the broken malloc setting (below); with it fixed, on the
+    transformer without reuse (4 processes of 250 paired rounds, each against a plain double
+    backward) it gave 1.026 [1.019, 1.031] against 1.019 [1.012, 1.026] for this closure, and
+    the model's tensors swapped by hand instead of ``functional_call`` 1.025 [1.018, 1.032]:
+    neither is faster, so neither is used. At full size (the MLP and the transformer of
+    benchmarks/hvp.py without reuse, 12-16 fresh processes of 20 paired rounds), split views
+    made once against the pieces gave 0.993 [0.987, 1.002] and 1.009 [0.992, 1.024] of the
+    product: within noise either way, so the cheaper call stays.
 
     The ``(m, P)`` output is allocated after the first backward. Allocated before it, the product
     measured 2% slower on that MLP, but only while glibc handed freed memory back to the kernel
