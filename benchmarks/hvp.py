@@ -17,9 +17,9 @@ d_model 64, 4 heads, 32 tokens, batch 64) -- it measures the median wall time of
 Candidates of one group are timed interleaved (round robin, rotating order) after a warm-up. The
 table's medians come from one group holding every route. Each target is timed in a group of its
 own, two candidates called back to back in alternating order for ``--target-rounds`` rounds (the
-m = 8 pairs a quarter of them) in ``--processes`` fresh processes, and
-reported as the median over rounds of the per-round ratio with a 95% bootstrap interval, so that
-the drifts of a shared machine cancel:
+m = 8 pairs a quarter of them) in each of ``--processes`` fresh processes, and reported as the
+median over rounds of the per-round ratio with a 95% bootstrap interval, so that the drifts of a
+shared machine cancel:
 
 - curvlab's kept-graph product against PyHessian's cached product;
 - curvlab's product without reuse against a plain double backward;
