@@ -23,7 +23,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import cached_property
@@ -129,19 +129,72 @@ def make_functional_loss(
     targets: Any,
     *,
     tie_weights: bool = True,
+    call: Reparametrized | None = None,
 ) -> Callable[[Params], Tensor]:
     """``theta -> loss_fn(model(inputs; theta, frozen), targets)`` through ``functional_call``.
 
     ``frozen`` holds the buffers and the parameters that are not differentiated; ``theta`` the rest.
     ``tie_weights=False`` (only for models without tied tensors, see :func:`has_tied_tensors`)
-    skips ``functional_call``'s search for aliases, a fixed cost of every call.
+    skips ``functional_call``'s search for aliases, a fixed cost of every call. ``call``, a
+    :class:`Reparametrized` of ``model`` for the names of ``frozen`` and ``theta``, does the same
+    swap with its name lookups done once (for reverse mode; the ``torch.func`` routes keep
+    ``functional_call``).
     """
 
     def loss(theta: Params) -> Tensor:
+        if call is not None:
+            return loss_fn(call({**frozen, **theta}, inputs), targets)
         outputs = functional_call(model, {**frozen, **theta}, (inputs,), tie_weights=tie_weights)
         return loss_fn(outputs, targets)
 
     return loss
+
+
+class Reparametrized:
+    """``model(inputs)`` with named parameters and buffers replaced, as ``functional_call`` does.
+
+    ``functional_call`` (``torch.nn.utils.stateless``) puts each tensor into its module's
+    ``_parameters`` or ``_buffers`` slot for the call and the original back afterwards; this class
+    does exactly that, with the module and slot of every name looked up once at construction
+    instead of on every call. Only for models without tied tensors (:func:`has_tied_tensors`),
+    whose aliases ``functional_call`` resolves; the module structure is the one at construction.
+
+    Measured at batch 1, where the fixed costs show (one thread, 1,000 calls): the forward of the
+    transformer of benchmarks/hvp.py (16 tensors) costs 4 us more than ``model(x)`` this way and
+    62 us more through ``functional_call(tie_weights=False)``.
+
+    Example:
+        >>> model = torch.nn.Linear(2, 1)
+        >>> call = Reparametrized(model, ["weight", "bias"])
+        >>> call({"weight": torch.ones(1, 2), "bias": torch.zeros(1)}, torch.ones(3, 2)).flatten()
+        tensor([2., 2., 2.])
+        >>> model.bias.requires_grad  # the originals are back
+        True
+    """
+
+    def __init__(self, model: nn.Module, names: Iterable[str]) -> None:
+        self.model, self.names = model, tuple(names)
+        self._slots: list[tuple[dict[str, Any], str]] = []
+        for name in self.names:
+            owner, _, attr = name.rpartition(".")
+            module = model.get_submodule(owner)
+            table = module._parameters if attr in module._parameters else module._buffers
+            if attr not in table:
+                raise ValueError(f"Reparametrized: {name!r} is neither a parameter nor a buffer "
+                                 f"of the model; pass names from named_parameters() or "
+                                 "named_buffers()")
+            self._slots.append((table, attr))
+
+    def __call__(self, tensors: Mapping[str, Tensor], inputs: Any) -> Any:
+        slots = self._slots
+        originals = [table[attr] for table, attr in slots]
+        try:
+            for (table, attr), name in zip(slots, self.names, strict=True):
+                table[attr] = tensors[name]
+            return self.model(inputs)
+        finally:
+            for (table, attr), original in zip(slots, originals, strict=True):
+                table[attr] = original
 
 
 def has_tied_tensors(model: nn.Module) -> bool:
@@ -225,6 +278,38 @@ def _math_sdpa_only() -> bool:
                                          or b.cudnn_sdp_enabled())
 
 
+# The engine call inside torch.autograd.grad (torch >= 2.3); None where a torch lacks it.
+_ENGINE_RUN_BACKWARD = getattr(torch.autograd.graph, "_engine_run_backward", None)
+
+
+def vjp_unchecked(
+    outputs: Sequence[Tensor],
+    inputs: Sequence[Tensor],
+    grad_outputs: Sequence[Tensor],
+    *,
+    retain_graph: bool,
+    create_graph: bool = False,
+) -> tuple[Tensor, ...]:
+    """``torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=True,
+    materialize_grads=True)``: one tensor per input, zeros where it does not reach the outputs.
+
+    ``grad_outputs[k]`` must have the shape, dtype and device of ``outputs[k]``. The products
+    build theirs from the layout, so this calls the engine that ``torch.autograd.grad`` calls
+    without its Python checks of each grad_output (shape through the symbolic-shape helpers,
+    dtype, nesting): measured on a chain of 16 matmuls at batch 1, those checks cost 130 us of a
+    990 us backward. Tensor subclasses with ``__torch_function__``, and a torch without the
+    engine function, go through ``torch.autograd.grad`` itself.
+    """
+    if _ENGINE_RUN_BACKWARD is None or torch.overrides.has_torch_function((*outputs, *inputs)):
+        return torch.autograd.grad(outputs, inputs, grad_outputs, retain_graph=retain_graph,
+                                   create_graph=create_graph, allow_unused=True,
+                                   materialize_grads=True)
+    result = _ENGINE_RUN_BACKWARD(tuple(outputs), tuple(grad_outputs), retain_graph,
+                                  create_graph, tuple(inputs), True, accumulate_grad=False)
+    return tuple(r if r is not None else torch.zeros_like(x, requires_grad=create_graph)
+                 for r, x in zip(result, inputs, strict=True))
+
+
 def make_hvp_revrev(
     loss: Callable[[Params], Tensor],
     primals: Params,
@@ -242,19 +327,23 @@ def make_hvp_revrev(
     an ``(m, P)`` buffer that is returned transposed, ``(P, m)`` with contiguous columns. The
     pieces ``v_ji`` are ``as_strided`` views of the column (:meth:`ParamLayout.pieces`).
 
-    Measured per product on the models of benchmarks/hvp.py at batch 1, where only this
-    bookkeeping differs from a plain double backward: leaves per parameter cost 30-280 us less
-    than views of one flat leaf (whose split backward would return ``H v`` flat), and the views
-    of ``v`` a third of a split and reshape. A single flat gradient (one more concatenation,
-    recorded in the graph, so that the second backward takes ``v`` whole) measured 3-6% slower
-    without reuse on the CNN under the broken malloc setting (below); with it fixed, on the
-    transformer without reuse (4 processes of 250 paired rounds, each against a plain double
-    backward) it gave 1.026 [1.019, 1.031] against 1.019 [1.012, 1.026] for this closure, and
-    the model's tensors swapped by hand instead of ``functional_call`` 1.025 [1.018, 1.032]:
-    neither is faster, so neither is used. At full size (the MLP and the transformer of
-    benchmarks/hvp.py without reuse, 12-16 fresh processes of 20 paired rounds), split views
-    made once against the pieces gave 0.993 [0.987, 1.002] and 1.009 [0.992, 1.024] of the
-    product: within noise either way, so the cheaper call stays.
+    The ops are those of a plain double backward (torch.profiler on the transformer of
+    benchmarks/hvp.py: 16 ``detach``, 6 ``as_strided`` and 2 ``item`` more per product, nothing
+    else), so what separates the two is fixed Python cost per call, which batch 1 shows: paired
+    against a plain double backward (one thread, 500-800 rounds) the product without reuse cost
+    400-550 us more on that transformer and MLP, 1-2% of their full-size products. Two changes
+    halved it (to 203 and 271 us): the model is called through :class:`Reparametrized`, whose
+    slots are looked up once (``functional_call`` finds them on every call, 60-100 us), and the
+    second backward goes through :func:`vjp_unchecked` (``torch.autograd.grad`` checks each of
+    the 16 grad_outputs in Python, 130 us). At full size (4 fresh processes of 100 paired rounds)
+    that made the product without reuse 1.003 [0.991, 1.015] of a double backward on the
+    transformer and 1.001 [0.995, 1.009] on the MLP, against 1.021 and 1.016 before. Earlier
+    measurements that still hold: leaves per parameter cost 30-280 us less than views of one flat
+    leaf (whose split backward would return ``H v`` flat), and a single flat gradient (one more
+    concatenation in the graph, so that the second backward takes ``v`` whole) was no faster
+    (1.026 [1.019, 1.031] against 1.019 [1.012, 1.026]); the ``as_strided`` pieces of ``v`` cost a
+    third of a split and reshape, and split views made once instead measured 0.993 [0.987, 1.002]
+    (MLP) and 1.009 [0.992, 1.024] (transformer) of the product, within noise either way.
 
     The ``(m, P)`` output is allocated after the first backward. Allocated before it, the product
     measured 2% slower on that MLP, but only while glibc handed freed memory back to the kernel
@@ -288,9 +377,8 @@ def make_hvp_revrev(
         def backward(j: int) -> tuple[Tensor, ...]:  # the pieces of H v_j, one per parameter
             # A column of a row-major block is copied once (free when V = W.T for W (m, P), the
             # layout this function returns).
-            return torch.autograd.grad(outputs, leaves, grad_outputs(V[:, j].contiguous()),
-                                       retain_graph=reuse or j < m - 1, allow_unused=True,
-                                       materialize_grads=True)
+            return vjp_unchecked(outputs, leaves, grad_outputs(V[:, j].contiguous()),
+                                 retain_graph=reuse or j < m - 1)
 
         parts = backward(0)
         out = V.new_empty(m, V.shape[0])  # (m, P); allocated after a backward, see the docstring

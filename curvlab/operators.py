@@ -181,6 +181,10 @@ class _CurvatureOperator(OperatorBase):
         self.model, self.loss_fn = model, loss_fn
         self.allow_train_mode, self.seed = allow_train_mode, seed
         self._tied = func.has_tied_tensors(model)
+        # Reverse mode swaps the tensors in through slots looked up once (func.Reparametrized);
+        # tied tensors need functional_call's alias handling.
+        self._call = None if self._tied else func.Reparametrized(
+            model, [*self._frozen, *self.layout.names])
         self.reuse_graph = single if reuse_graph is None else bool(reuse_graph)
         self.method = "rev-rev" if method == "auto" else method
         self.num_matvecs = 0
@@ -320,13 +324,15 @@ class HessianOperator(_CurvatureOperator):
     """
 
     def _make_product(self, inputs: Any, targets: Any, index: int) -> Product:
-        loss = func.make_functional_loss(self.model, self.loss_fn, self._frozen, inputs, targets,
-                                         tie_weights=self._tied)
         context = partial(self._context, index)
         check = partial(self._check_loss, index=index)
         if self.method == "rev-rev":
+            loss = func.make_functional_loss(self.model, self.loss_fn, self._frozen, inputs,
+                                             targets, call=self._call)
             return func.make_hvp_revrev(loss, self._primals, self.layout, context=context,
                                         check_loss=check, reuse=self.reuse_graph)
+        loss = func.make_functional_loss(self.model, self.loss_fn, self._frozen, inputs, targets,
+                                         tie_weights=self._tied)
         return func.make_hvp_fwdrev(loss, self._primals, self.layout, context=context,
                                     check_loss=check)
 
