@@ -18,9 +18,11 @@ bit for bit. At construction, :meth:`Shards.check` refuses, on every rank alike,
 empty shard, ranks that disagree on the vector size, ranks whose construction failed and ranks
 whose parameters differ (by per-parameter checksums: sum, sum of squares, position-weighted sum).
 
-A ``DistributedDataParallel`` model is unwrapped to its ``.module``: products run through
-``torch.func.functional_call`` on detached copies of the parameters, so DDP's gradient hooks never
-fire (DDP supports neither double backward nor ``create_graph``) and its buffers are not synced.
+A ``DistributedDataParallel`` model is unwrapped to its ``.module``: products call it with
+detached copies of the parameters swapped in (``torch.func.functional_call``, or the same swap
+through :class:`curvlab.func.Reparametrized` on the Hessian's reverse-over-reverse route), so
+DDP's gradient hooks never fire (DDP supports neither double backward nor ``create_graph``) and
+its buffers are not synced.
 
 Example (each of two processes started by ``torchrun --nproc-per-node 2``)::
 

@@ -137,8 +137,8 @@ def make_functional_loss(
     ``tie_weights=False`` (only for models without tied tensors, see :func:`has_tied_tensors`)
     skips ``functional_call``'s search for aliases, a fixed cost of every call. ``call``, a
     :class:`Reparametrized` of ``model`` for the names of ``frozen`` and ``theta``, does the same
-    swap with its name lookups done once (for reverse mode; the ``torch.func`` routes keep
-    ``functional_call``).
+    swap with its name lookups done once (the Hessian's reverse-over-reverse route uses it; the
+    ``torch.func`` routes keep ``functional_call``).
     """
 
     def loss(theta: Params) -> Tensor:

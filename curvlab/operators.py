@@ -181,8 +181,8 @@ class _CurvatureOperator(OperatorBase):
         self.model, self.loss_fn = model, loss_fn
         self.allow_train_mode, self.seed = allow_train_mode, seed
         self._tied = func.has_tied_tensors(model)
-        # Reverse mode swaps the tensors in through slots looked up once (func.Reparametrized);
-        # tied tensors need functional_call's alias handling.
+        # The Hessian's rev-rev route swaps the tensors in through slots looked up once
+        # (func.Reparametrized); tied tensors need functional_call's alias handling.
         self._call = None if self._tied else func.Reparametrized(
             model, [*self._frozen, *self.layout.names])
         self.reuse_graph = single if reuse_graph is None else bool(reuse_graph)
