@@ -337,7 +337,8 @@ def make_hvp_revrev(
     second backward goes through :func:`vjp_unchecked` (``torch.autograd.grad`` checks each of
     the 16 grad_outputs in Python, 130 us). At full size (4 fresh processes of 100 paired rounds)
     that made the product without reuse 1.003 [0.991, 1.015] of a double backward on the
-    transformer and 1.001 [0.995, 1.009] on the MLP, against 1.021 and 1.016 before. Earlier
+    transformer and 1.001 [0.995, 1.009] on the MLP, against 1.021 and 1.016 before (the full
+    run of benchmarks/hvp.py, 8 processes of 40 rounds: 1.005 [0.986, 1.022] and 0.997). Earlier
     measurements that still hold: leaves per parameter cost 30-280 us less than views of one flat
     leaf (whose split backward would return ``H v`` flat), and a single flat gradient (one more
     concatenation in the graph, so that the second backward takes ``v`` whole) was no faster
