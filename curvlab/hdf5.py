@@ -236,8 +236,17 @@ class RunLogger:
             Path(name).unlink(missing_ok=True)
 
     def _open(self) -> None:
-        self._file = h5py.File(self.path, "r+", libver="latest")
-        self._file.swmr_mode = True
+        """Open the file for SWMR appends in one call (``H5Fopen`` with ``ACC_SWMR_WRITE``).
+
+        Opening it ``"r+"`` and then starting SWMR (``swmr_mode = True``) left a moment in which
+        the superblock said "open for write" without "SWMR": a writer killed then left a file
+        that no mode opens (CI hit it once in test_sigkill_at_random_moments). In one call the
+        superblock gets both flags in the same write.
+        """
+        fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
+        fapl.set_libver_bounds(h5py.h5f.LIBVER_LATEST, h5py.h5f.LIBVER_LATEST)  # libver="latest"
+        flags = h5py.h5f.ACC_RDWR | h5py.h5f.ACC_SWMR_WRITE
+        self._file = h5py.File(h5py.h5f.open(os.fsencode(self.path), flags, fapl=fapl))
 
     def _restructure(self, change: Any) -> None:
         """Apply ``change(file)`` (creating datasets or attributes) on a copy, then swap it in."""

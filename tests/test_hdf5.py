@@ -119,6 +119,46 @@ def test_sigkill_at_random_moments_leaves_readable_files(tmp_path):
             assert cl.load_run(path)["loss"].step[-1] == last + 1
 
 
+def _killed_on_open(path, restructure):
+    """A writer killed the moment its append handle on ``path`` exists (before any other call)."""
+    opened = h5py.File
+
+    def file_then_exit(*args, **kwargs):
+        f = opened(*args, **kwargs)
+        if f.mode == "r+" and os.path.abspath(f.filename) == os.path.abspath(path):
+            os._exit(0)  # no close, no flush: as a SIGKILL right after the open
+        return f
+
+    if restructure:  # the first reopen: after the swap that adds a new metric
+        with RunLogger(path, CONFIG) as log:
+            log.log(0, loss=1.0)
+            h5py.File = file_then_exit
+            log.log(1, new_metric=2.0)
+    else:
+        h5py.File = file_then_exit
+        RunLogger(path, CONFIG)
+    os._exit(1)  # not reached when the writer opens through h5py.File
+
+
+@pytest.mark.parametrize("restructure", [False, True])
+def test_a_writer_killed_right_after_opening_leaves_a_readable_file(tmp_path, restructure):
+    # The append handle must carry HDF5's SWMR flags from the moment it exists. Opened "r+" and
+    # switched to SWMR afterwards, a kill in between left "open for write" without "SWMR", which
+    # neither the plain nor the SWMR reader opens (CI caught that window once, at random).
+    path = tmp_path / "run.h5"
+    writer = multiprocessing.get_context("fork").Process(target=_killed_on_open,
+                                                         args=(path, restructure))
+    writer.start()
+    writer.join()
+    assert writer.exitcode == 0
+    run = cl.load_run(path)
+    assert run.config == CONFIG
+    if restructure:  # the committed row survives; the metric just added holds no row yet
+        assert run["loss"].step.tolist() == [0] and run["new_metric"].step.size == 0
+    else:
+        assert not run.metrics
+
+
 def test_resume_and_refusals(tmp_path):
     path = tmp_path / "run.h5"
     with RunLogger(path, CONFIG) as log:
