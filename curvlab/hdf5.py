@@ -240,8 +240,8 @@ class RunLogger:
 
         Opening it ``"r+"`` and then starting SWMR (``swmr_mode = True``) left a moment in which
         the superblock said "open for write" without "SWMR": a writer killed then left a file
-        that no mode opens (CI hit it once in test_sigkill_at_random_moments). In one call the
-        superblock gets both flags in the same write.
+        that no mode opens (a fresh-clone run of .ci/run hit it once, in the random SIGKILL
+        test). In one call the superblock gets both flags in the same write.
         """
         fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
         fapl.set_libver_bounds(h5py.h5f.LIBVER_LATEST, h5py.h5f.LIBVER_LATEST)  # libver="latest"
