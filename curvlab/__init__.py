@@ -3,8 +3,9 @@
 See ``../shared/DESIGN.md`` for the public API and ``../shared/MATH.md`` for the definitions.
 """
 
-from curvlab import callbacks, distributed, func, layers, linalg, models, testing
+from curvlab import batches, callbacks, distributed, func, layers, linalg, models, testing
 from curvlab.analysis import SuperConsistency, super_consistency, sweep_report
+from curvlab.batches import count_tokens
 from curvlab.callbacks import (
     FeatureChange,
     FeatureSpeed,
@@ -77,7 +78,9 @@ __all__ = [
     "TraceResult",
     "__version__",
     "adam_scales",
+    "batches",
     "callbacks",
+    "count_tokens",
     "distributed",
     "effective_depth",
     "effective_rank",

@@ -92,7 +92,7 @@ class Shards:
         self.size = dist.get_world_size(group)
         self.root = dist.get_global_rank(group, 0) if group is not None else 0
 
-    def check(self, call: str, count: int, params: Mapping[str, Tensor],
+    def check(self, call: str, count: float, params: Mapping[str, Tensor],
               error: Exception | None) -> None:
         """Raise the same ``ValueError`` on every rank if the shards cannot form one operator.
 
@@ -135,7 +135,7 @@ class Shards:
                                  "(broadcast them from rank 0, or wrap the model in "
                                  "DistributedDataParallel, which does)")
 
-    def mean(self, local_sum: Tensor, count: int) -> Tensor:
+    def mean(self, local_sum: Tensor, count: float) -> Tensor:
         """``sum_r local_sum_r / sum_r count_r`` for ``local_sum (P, m)``: one all_reduce."""
         m = local_sum.shape[1]
         dtype = torch.promote_types(local_sum.dtype, torch.float32)  # counts exact in bf16 too

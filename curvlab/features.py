@@ -28,10 +28,16 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, jvp
+from torch.func import jvp
 
 from curvlab import layers as _layers
-from curvlab.func import forward_context, stochastic_modules_in_train_mode
+from curvlab.batches import Output, call_model, pick_output
+from curvlab.func import (
+    forward_context,
+    functional_forward,
+    stochastic_modules_in_train_mode,
+    unwrap_compiled,
+)
 
 Batch = tuple[Any, Any]
 METHODS = ("jvp", "finite-difference")
@@ -48,11 +54,12 @@ class FeatureSpeedResult:
     loss_decay: np.ndarray  # dL_l
     predicted_update_norm: np.ndarray  # dL_l / (||b_l|| cos theta_l)
     method: str
+    cut: np.ndarray | None = None  # bool (num_layers,): whether f_l is a cut of the graph
 
     def as_dict(self) -> dict[str, np.ndarray]:
         """The per-layer arrays by name (for logging)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name not in ("layers", "method")}
+                if f.name not in ("layers", "method", "cut")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,19 +146,24 @@ def feature_speed(
     method: str = "jvp",
     allow_train_mode: bool = False,
     seed: int = 0,
+    output: Output = "auto",
 ) -> FeatureSpeedResult:
     """Per-layer angle between the feature update and the backward pass (MATH.md section 5).
 
     Args:
         model: the network; evaluated in eval mode unless ``allow_train_mode`` (then BatchNorm uses
             batch statistics without updating its buffers, and Dropout draws fixed masks from
-            ``seed``). Nothing about the model is changed.
-        loss_fn: ``loss_fn(outputs, targets)``, the batch-mean loss.
+            ``seed``). Nothing about the model is changed. A ``torch.compile`` wrapper is
+            measured through its eager module (same function; hooks need the eager forward).
+        loss_fn: ``loss_fn(outputs, targets)``, the batch-mean loss, on the tensor that
+            ``output`` picks (:mod:`curvlab.batches`; batches of any form it describes).
         batch: ``(inputs, targets)``.
-        layers: module names (``model.named_modules()``); ``None`` takes the default of
-            ``curvlab.layers``: every parametrized module that runs once and whose output is a cut
-            (pre-activations, residual stream after each block, the output). A module that runs
-            more than once per forward is refused: its features are not one tensor.
+        layers: module names (``model.named_modules()``, or ``"name:in"`` for a module's first
+            input); ``None`` takes the default of ``curvlab.layers``: every parametrized module
+            that runs once and whose output is a cut (pre-activations, residual stream after each
+            block, the output); for a transformer (GPT-2-, BERT-, ViT-style stacks of attention
+            blocks) the embedding output (``"<first block>:in"``), the output of every block and
+            the final norm. A module that runs more than once per forward is refused.
         lrs: per-parameter rates ``eta_k``: one float, or a dict from parameter or module names to
             rates (the longest matching name wins; every trained parameter needs one).
         optimizer: take ``eta_k`` from the param groups' ``lr`` (muP multipliers included);
@@ -164,7 +176,11 @@ def feature_speed(
 
     Returns:
         A :class:`FeatureSpeedResult` with float64 arrays ``(num_layers,)``. ``cos_theta`` is NaN
-        where a layer's features do not move (no trained parameter upstream).
+        where a layer's features do not move (no trained parameter upstream). ``cut`` says
+        which layers are cuts of the graph, where the formula is exact; on the others (a branch
+        inside a block; the residual stream of a model with tied input and output embeddings,
+        whose embedding also reaches the loss through the head) the angle is still exact but
+        ``predicted_update_norm`` is not ``feature_update_norm``.
 
     Cost: one forward and backward with the features kept, plus one forward-mode pass (JVP) or one
     forward (finite difference), about two training steps.
@@ -183,6 +199,7 @@ def feature_speed(
     if method not in METHODS:
         raise ValueError(f"{call}: method must be one of {METHODS}, got {method!r}")
     inputs, targets = _split(batch, call)
+    model = unwrap_compiled(model)
     trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if not trained:
         raise ValueError(f"{call}: no parameter of the model requires grad")
@@ -197,12 +214,15 @@ def feature_speed(
                                 device=device)
 
     # Pass 1: features, backward pass b_l and the gradient, from one forward and backward.
-    watch = _layers.candidates(model) if chosen is None else chosen
+    blocks = _layers.find_blocks(model) if chosen is None else None
+    watch = chosen if chosen is not None else _layers.candidates(model) if blocks is None \
+        else _layers.transformer_candidates(model, blocks)
     with context(), _layers.recording(model, watch) as rec:
-        loss = loss_fn(model(inputs), targets)
+        loss = loss_fn(pick_output(call_model(model, inputs), output, call), targets)
     _check_loss(loss, call)
     if chosen is None:
-        picked = _layers.select_default(loss, rec)
+        picked = _layers.select_default(loss, rec) if blocks is None \
+            else _layers.select_transformer(rec, blocks)
         names, feats = [n for n, _ in picked], [f for _, f in picked]
     else:
         names, feats = chosen, rec.features(chosen, call)
@@ -221,6 +241,7 @@ def feature_speed(
     step_size = {n: rates[n] * float(_norm(g[n]) ** 2) for n in trained}  # eta_k ||g_k||^2
     loss_decay = [sum(step_size[ids[i]] for i in _layers.upstream_params(f.grad_fn) if i in ids)
                   for f in feats]
+    cut = np.array([_layers.is_cut(loss, f) for f in feats], dtype=bool)
 
     # Pass 2: the feature update along dw = -eta * g.
     theta = {n: p.detach() for n, p in trained.items()}
@@ -230,7 +251,7 @@ def feature_speed(
 
     def features_at(w: dict[str, Tensor]) -> tuple[Tensor, ...]:
         with _layers.recording(model, names) as rec2:
-            functional_call(model, {**frozen, **w}, (inputs,))
+            functional_forward(model, {**frozen, **w}, inputs)
         return tuple(rec2.features(names, call))
 
     with context():
@@ -249,7 +270,7 @@ def feature_speed(
     with np.errstate(invalid="ignore", divide="ignore"):
         cos = -dot / (b_norm * d_norm)
         predicted = decay / (b_norm * cos)
-    return FeatureSpeedResult(tuple(names), cos, d_norm, b_norm, decay, predicted, method)
+    return FeatureSpeedResult(tuple(names), cos, d_norm, b_norm, decay, predicted, method, cut)
 
 
 def _copy_training(model: nn.Module, optimizer: torch.optim.Optimizer, call: str
@@ -276,6 +297,7 @@ def feature_change(
     *,
     layers: Sequence[str] | str | None = None,
     seed: int = 0,
+    output: Output = "auto",
 ) -> FeatureChangeResult:
     """RMS size of each layer's features and of their change after one real optimizer step.
 
@@ -283,8 +305,8 @@ def feature_change(
     runs on deep copies of the model and the optimizer, with the global RNG forked and seeded with
     ``seed``; the caller's model, optimizer state, gradients and RNG are left bit-identical.
     Features are measured before and after the step in eval mode, on ``batch``. ``layers`` as in
-    :func:`feature_speed`. Under muP the change is flat in width; under NTP it shrinks (the
-    "delta coordinate check", MATH.md section 5).
+    :func:`feature_speed`, and so are ``output`` and a compiled model. Under muP the change is
+    flat in width; under NTP it shrinks (the "delta coordinate check", MATH.md section 5).
 
     Example:
         >>> import torch, curvlab as cl
@@ -297,6 +319,7 @@ def feature_change(
     """
     call = "feature_change"
     inputs, targets = _split(batch, call)
+    model = unwrap_compiled(model)
     chosen = None if layers is None else _layers.check_layers(model, layers, call)
     work, opt = _copy_training(model, optimizer, call)
     device = next(work.parameters()).device
@@ -305,17 +328,17 @@ def feature_change(
     def measure(names: Sequence[str] | None) -> tuple[list[str], list[Tensor]]:
         with forward_context(work, train_mode=False, seed=seed, device=device):
             if names is None:
-                picked = _layers.default_layers(work, loss_fn, inputs, targets)
+                picked = _layers.default_layers(work, loss_fn, inputs, targets, output)
                 return [n for n, _ in picked], [f.detach() for _, f in picked]
             with torch.no_grad(), _layers.recording(work, names) as rec:
-                work(inputs)
+                call_model(work, inputs)
             return list(names), rec.features(names, call)
 
     names, before = measure(chosen)
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(seed)
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(work(inputs), targets)
+        loss = loss_fn(pick_output(call_model(work, inputs), output, call), targets)
         _check_loss(loss, call)
         loss.backward()
         opt.step()

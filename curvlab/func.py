@@ -34,6 +34,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from curvlab.batches import Output, batch_size, call_args, call_model, pick_output
+
 Params = dict[str, Tensor]
 Product = Callable[[Tensor], Tensor]  # V (P, m) -> (P, m)
 
@@ -113,12 +115,34 @@ def unravel(v: Tensor, like: Mapping[str, Tensor]) -> Params:
     return ParamLayout.from_params(like).unravel(v)
 
 
-def batch_size(inputs: Any) -> int:
-    """Number of examples in ``inputs``: the leading size of its first tensor (dicts allowed)."""
-    leaves = [t for t in torch.utils._pytree.tree_leaves(inputs) if isinstance(t, Tensor)]
-    if not leaves:
-        raise TypeError(f"inputs must be a tensor or a container of tensors, got {type(inputs)!r}")
-    return int(leaves[0].shape[0]) if leaves[0].ndim else 1
+__all__ = ["batch_size"]  # re-exported: older code imports it from here
+
+
+def unwrap_compiled(model: nn.Module) -> nn.Module:
+    """The eager module inside a ``torch.compile`` wrapper (``OptimizedModule``), else ``model``.
+
+    Names, slots and modes are read from it, so that parameter names carry no ``_orig_mod.``
+    prefix; the calls still go through the compiled wrapper.
+    """
+    inner = getattr(model, "_orig_mod", None)
+    return inner if type(model).__name__ == "OptimizedModule" and isinstance(inner, nn.Module) \
+        else model
+
+
+def is_compiled(model: nn.Module) -> bool:
+    """Whether ``model`` or one of its submodules runs through ``torch.compile``."""
+    return any(type(m).__name__ == "OptimizedModule"
+               or getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
+
+
+def functional_forward(model: nn.Module, tensors: Mapping[str, Tensor], inputs: Any, *,
+                       tie_weights: bool = True) -> Any:
+    """``model(inputs)`` with the named tensors swapped in (``functional_call``); ``inputs`` as
+    in :mod:`curvlab.batches`, names as :func:`unwrap_compiled` gives them."""
+    if unwrap_compiled(model) is not model:
+        tensors = {f"_orig_mod.{n}": t for n, t in tensors.items()}
+    args, kwargs = call_args(inputs)
+    return functional_call(model, dict(tensors), args, kwargs, tie_weights=tie_weights)
 
 
 def make_functional_loss(
@@ -130,8 +154,11 @@ def make_functional_loss(
     *,
     tie_weights: bool = True,
     call: Reparametrized | None = None,
+    output: Output = "auto",
 ) -> Callable[[Params], Tensor]:
-    """``theta -> loss_fn(model(inputs; theta, frozen), targets)`` through ``functional_call``.
+    """``theta -> loss_fn(pick(model(inputs; theta, frozen)), targets)`` by ``functional_call``.
+
+    ``pick`` is :func:`curvlab.batches.pick_output` with ``output``.
 
     ``frozen`` holds the buffers and the parameters that are not differentiated; ``theta`` the rest.
     ``tie_weights=False`` (only for models without tied tensors, see :func:`has_tied_tensors`)
@@ -143,9 +170,11 @@ def make_functional_loss(
 
     def loss(theta: Params) -> Tensor:
         if call is not None:
-            return loss_fn(call({**frozen, **theta}, inputs), targets)
-        outputs = functional_call(model, {**frozen, **theta}, (inputs,), tie_weights=tie_weights)
-        return loss_fn(outputs, targets)
+            outputs = call({**frozen, **theta}, inputs)
+        else:
+            outputs = functional_forward(model, {**frozen, **theta}, inputs,
+                                         tie_weights=tie_weights)
+        return loss_fn(pick_output(outputs, output), targets)
 
     return loss
 
@@ -175,9 +204,10 @@ class Reparametrized:
     def __init__(self, model: nn.Module, names: Iterable[str]) -> None:
         self.model, self.names = model, tuple(names)
         self._slots: list[tuple[dict[str, Any], str]] = []
+        inner = unwrap_compiled(model)  # a compiled wrapper is called; its module holds the slots
         for name in self.names:
             owner, _, attr = name.rpartition(".")
-            module = model.get_submodule(owner)
+            module = inner.get_submodule(owner)
             table = module._parameters if attr in module._parameters else module._buffers
             if attr not in table:
                 raise ValueError(f"Reparametrized: {name!r} is neither a parameter nor a buffer "
@@ -191,7 +221,7 @@ class Reparametrized:
         try:
             for (table, attr), name in zip(slots, self.names, strict=True):
                 table[attr] = tensors[name]
-            return self.model(inputs)
+            return call_model(self.model, inputs)
         finally:
             for (table, attr), original in zip(slots, originals, strict=True):
                 table[attr] = original
@@ -205,12 +235,12 @@ def has_tied_tensors(model: nn.Module) -> bool:
 
 
 def make_functional_outputs(
-    model: nn.Module, frozen: Mapping[str, Tensor], inputs: Any
+    model: nn.Module, frozen: Mapping[str, Tensor], inputs: Any, output: Output = "auto"
 ) -> Callable[[Params], Tensor]:
-    """``theta -> model(inputs; theta, frozen)``, the network outputs ``(n, k)``."""
+    """``theta -> pick(model(inputs; theta, frozen))``, the network outputs ``(n, ...)``."""
 
     def outputs(theta: Params) -> Tensor:
-        return functional_call(model, {**frozen, **theta}, (inputs,))
+        return pick_output(functional_forward(model, {**frozen, **theta}, inputs), output)
 
     return outputs
 

@@ -11,6 +11,15 @@ Default layers: the output of every submodule that holds trainable parameters, r
 forward, returns a tensor and is a cut, in forward order. When a container's output is the same
 tensor as one of its children's (``nn.Sequential``), the innermost name is kept.
 
+Transformers (:func:`find_blocks`: a ``ModuleList`` or ``Sequential`` of at least two blocks of
+one class, each holding an attention module, as in GPT-2's ``transformer.h``, BERT's
+``encoder.layer`` and timm ViT's ``blocks``) get the residual stream instead: the input of the
+first block (the embedding output, named ``"<first block>:in"``), the output of every block and
+the output of a final norm that runs after the last block (GPT-2's ``ln_f``, ViT's ``norm``).
+These need not be cuts: with tied input and output embeddings the embedding matrix also reaches
+the loss through the head. A module returning a tuple contributes its first tensor, and a name
+``"<module>:in"`` (here or in ``layers=``) means the first tensor argument of that module.
+
 Example:
     >>> import torch, curvlab as cl
     >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
@@ -27,6 +36,8 @@ from contextlib import contextmanager
 from typing import Any
 
 from torch import Tensor, nn
+
+from curvlab.batches import call_model, pick_output
 
 Graph = Any  # a torch.autograd.graph.Node
 
@@ -46,7 +57,15 @@ class Recorder:
     def hook(self, name: str) -> Callable[..., None]:
         def record(module: nn.Module, args: Any, output: Any) -> None:
             self.calls[name] = self.calls.get(name, 0) + 1
-            self.outputs[name] = output
+            self.outputs[name] = _first_tensor(output)
+            self.order.append(name)
+
+        return record
+
+    def pre_hook(self, name: str) -> Callable[..., None]:
+        def record(module: nn.Module, args: Any, kwargs: Any) -> None:
+            self.calls[name] = self.calls.get(name, 0) + 1
+            self.outputs[name] = _first_tensor((*args, *kwargs.values()))
             self.order.append(name)
 
         return record
@@ -69,12 +88,26 @@ class Recorder:
         return found
 
 
+INPUT = ":in"  # suffix of a layer name that means the module's first tensor argument
+
+
+def _first_tensor(value: Any) -> Any:
+    """``value`` itself, or the first tensor of a tuple or list (a block's hidden states)."""
+    if isinstance(value, tuple | list):
+        return next((v for v in value if isinstance(v, Tensor)), value)
+    return value
+
+
 @contextmanager
 def recording(model: nn.Module, names: Sequence[str]) -> Iterator[Recorder]:
-    """Record the outputs of the submodules ``names`` of ``model`` during the ``with`` block."""
+    """Record the outputs (or, for ``"name:in"``, the first tensor argument) of the submodules
+    ``names`` of ``model`` during the ``with`` block."""
     modules = dict(model.named_modules())
     rec = Recorder()
-    handles = [modules[name].register_forward_hook(rec.hook(name)) for name in names]
+    handles = [modules[name[:-len(INPUT)]].register_forward_pre_hook(rec.pre_hook(name),
+                                                                      with_kwargs=True)
+               if name.endswith(INPUT) else modules[name].register_forward_hook(rec.hook(name))
+               for name in names]
     try:
         yield rec
     finally:
@@ -87,7 +120,7 @@ def check_layers(model: nn.Module, layers: Sequence[str] | str, call: str) -> li
     if isinstance(layers, str):
         layers = [layers]
     names = [name for name, _ in model.named_modules() if name]
-    unknown = [name for name in layers if name not in names]
+    unknown = [name for name in layers if name.removesuffix(INPUT) not in names]
     if unknown:
         raise ValueError(f"{call}: unknown layer names {unknown}; expected names from "
                          f"model.named_modules(), e.g. {names[:8]}")
@@ -152,9 +185,58 @@ def select_default(loss: Tensor, rec: Recorder) -> list[tuple[str, Tensor]]:
     return chosen
 
 
+def find_blocks(model: nn.Module) -> list[str] | None:
+    """Names of the blocks of a transformer's main stack, or ``None`` (see the module docstring).
+
+    The stack is a ``ModuleList`` or ``Sequential`` of at least two modules of one class, each
+    holding trainable parameters and an attention module (``nn.MultiheadAttention`` or a class
+    whose name contains ``Attention``); the one with the most parameters wins.
+    """
+    best: tuple[int, list[str]] | None = None
+    for name, module in model.named_modules():
+        children = list(module.named_children())
+        if not isinstance(module, nn.ModuleList | nn.Sequential) or len(children) < 2:
+            continue
+        if len({type(c) for _, c in children}) != 1:
+            continue
+        if not all(_has_attention(c) for _, c in children):
+            continue
+        size = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        if size and (best is None or size > best[0]):
+            best = (size, [f"{name}.{c}" if name else c for c, _ in children])
+    return None if best is None else best[1]
+
+
+def _has_attention(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.MultiheadAttention) or "Attention" in type(m).__name__
+               for m in module.modules())
+
+
+def transformer_candidates(model: nn.Module, blocks: Sequence[str]) -> list[str]:
+    """The residual-stream layers to watch: the first block's input, every block, and the
+    norm modules outside the stack (the final norm is picked among them after a forward)."""
+    inside = tuple(f"{b}." for b in blocks)
+    norms = [name for name, m in model.named_modules()
+             if name and "Norm" in type(m).__name__ and not name.startswith(inside)
+             and any(p.requires_grad for p in m.parameters())]
+    return [blocks[0] + INPUT, *blocks, *norms]
+
+
+def select_transformer(rec: Recorder, blocks: Sequence[str]) -> list[tuple[str, Tensor]]:
+    """Embedding output, block outputs and the norm that runs right after the last block."""
+    names = [blocks[0] + INPUT, *blocks]
+    order = [n for n in rec.order if rec.calls.get(n) == 1]
+    after = order[order.index(blocks[-1]) + 1:] if blocks[-1] in order else []
+    final = [n for n in after if n not in names][:1]
+    return [(n, rec.outputs[n]) for n in [*names, *final] if isinstance(rec.outputs.get(n), Tensor)
+            and rec.calls.get(n) == 1]
+
+
 def default_layers(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], inputs: Any,
-                   targets: Any) -> list[tuple[str, Tensor]]:
+                   targets: Any, output: Any = "auto") -> list[tuple[str, Tensor]]:
     """Run one forward and return the default ``(name, output)`` layers of ``model``."""
-    with recording(model, candidates(model)) as rec:
-        loss = loss_fn(model(inputs), targets)
-    return select_default(loss, rec)
+    blocks = find_blocks(model)
+    watch = candidates(model) if blocks is None else transformer_candidates(model, blocks)
+    with recording(model, watch) as rec:
+        loss = loss_fn(pick_output(call_model(model, inputs), output), targets)
+    return select_default(loss, rec) if blocks is None else select_transformer(rec, blocks)

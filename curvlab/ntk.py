@@ -10,7 +10,8 @@ Methods, with the cost model of Novak et al. 2022 (arXiv:2206.08720), ``N`` exam
 outputs, ``[FP]`` one forward pass of one example, ``P`` parameters:
 
 - ``"jacobian"``: per-example Jacobians by ``vmap(jacrev)``, contracted: ``N O [FP] + N^2 O^2 P``
-  flops and ``N O P`` memory.
+  flops and ``N O P`` memory. A forward with data-dependent control flow, which ``vmap`` over
+  examples cannot run (Hugging Face's padding masks), is looped over the examples instead.
 - ``"ntvp"``: NTK-vector products, ``J1 (D (J2^T e_jb))`` for every column: ``N^2 O [FP]``.
 - ``"structured"``: per layer, for ``y = W h + b`` the kernel is ``<h(x), h(x')> <g_a(x), g_b(x')>``
   (plus ``<g_a, g_b>`` for ``b``), ``g_a`` the backward vector of output ``a`` at the layer output
@@ -35,9 +36,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, jacrev, jvp, vjp, vmap
+from torch.func import jacrev, jvp, vjp, vmap
 
 from curvlab import distributed, func
+from curvlab.batches import Output, pick_output
 from curvlab.operators import OperatorBase, select_params
 
 OUTPUTS = ("full", "trace", "diagonal")
@@ -65,9 +67,11 @@ class _Setup:
     """Validated inputs shared by the methods: parameters, scales, a functional model."""
 
     def __init__(self, model: nn.Module, x1: Any, x2: Any, params: Iterable[str] | None,
-                 scales: Tensor | None, call: str) -> None:
+                 scales: Tensor | None, call: str, output: Output = "auto") -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"{call}: model must be a torch.nn.Module, got {type(model).__name__}")
+        model = func.unwrap_compiled(model)  # the eager module: vmap and hooks need it
+        self.output = output
         batchnorm = [n for n, m in model.named_modules()
                      if isinstance(m, func._BATCHNORM) and m.training]
         if batchnorm:
@@ -100,20 +104,28 @@ class _Setup:
     def context(self) -> Any:
         return func.forward_context(self.model, train_mode=False, seed=0, device=self.device)
 
+    def forward(self, params: dict[str, Tensor], x: Any,
+                base: dict[str, Tensor] | None = None) -> Tensor:
+        """``f(x; params)`` as ``(n, k)``: the tensor ``output`` picks, trailing dims flattened
+        (a language model's ``(n, T, V)`` logits become ``(n, T V)``)."""
+        tensors = {**(self.frozen if base is None else base), **params}
+        f = pick_output(func.functional_forward(self.model, tensors, x), self.output, self.call)
+        return f.reshape(f.shape[0], -1) if f.ndim > 2 else f  # (n, k)
+
     def outputs(self, params: dict[str, Tensor], x: Any, name: str = "x") -> Tensor:
         """``f(x; params)`` ``(n, k)`` with a clear error for inputs the model cannot take."""
         try:
             with self.context():
-                f = functional_call(self.model, {**self.frozen, **params}, (x,))
+                f = self.forward(params, x)
         except RuntimeError as err:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"{self.call}: the model cannot be applied to {name} of shape "
                              f"{shape} ({err}); pass a batch of inputs as the model expects"
                              ) from err
-        if not isinstance(f, Tensor) or f.ndim != 2:
-            got = tuple(f.shape) if isinstance(f, Tensor) else type(f).__name__
-            raise ValueError(f"{self.call}: the model must return outputs of shape (n, k), "
-                             f"got {got}")
+        if f.ndim != 2:
+            raise ValueError(f"{self.call}: the model must return outputs of shape (n, k) (or "
+                             f"(n, ...), flattened), got {tuple(f.shape)}; pick another tensor "
+                             "with output=")
         return f
 
     def jacobians(self, x: Any, names: Iterable[str], chunk_size: int | None) -> Tensor:
@@ -124,11 +136,20 @@ class _Setup:
 
         def single(p: dict[str, Tensor], xi: Any) -> Tensor:
             xi = _tree_map(lambda t: t.unsqueeze(0), xi)
-            return functional_call(self.model, {**rest, **p}, (xi,))[0]  # (k,)
+            return self.forward(p, xi, base=rest)[0]  # (k,)
 
-        with self.context():
-            J = vmap(jacrev(single), in_dims=(None, 0), chunk_size=chunk_size)(sub, x)
+        def take_row(tree: Any, i: int) -> Any:  # example i without its batch dimension
+            return _tree_map(lambda t: t[i], tree)
+
         n = func.batch_size(x)
+        with self.context():
+            try:
+                J = vmap(jacrev(single), in_dims=(None, 0), chunk_size=chunk_size)(sub, x)
+            except RuntimeError as err:  # data-dependent control flow, e.g. HF's padding masks
+                if "vmap" not in str(err):
+                    raise
+                rows = [jacrev(single)(sub, take_row(x, i)) for i in range(n)]  # name -> (k, ...)
+                J = {name: torch.stack([r[name] for r in rows]) for name in names}  # (n, k, ...)
         flat = [self._scaled(name, J[name]).reshape(n, self.k, -1) for name in names]
         return torch.cat(flat, dim=2)  # (n, k, F)
 
@@ -146,10 +167,10 @@ def _jacobian_kernel(s: _Setup, outputs: str, chunk_size: int | None,
 
 def _ntvp_kernel(s: _Setup, outputs: str, chunk_size: int | None) -> Tensor:
     def f1(p: dict[str, Tensor]) -> Tensor:
-        return functional_call(s.model, {**s.frozen, **p}, (s.x1,))  # (n1, k)
+        return s.forward(p, s.x1)  # (n1, k)
 
     def f2(p: dict[str, Tensor]) -> Tensor:
-        return functional_call(s.model, {**s.frozen, **p}, (s.x2,))  # (n2, k)
+        return s.forward(p, s.x2)  # (n2, k)
 
     n2, k = func.batch_size(s.x2), s.k
     with s.context():
@@ -211,7 +232,7 @@ def _layer_features(s: _Setup, x: Any, layers: dict[str, nn.Linear]
     leaves = {n: p.detach().requires_grad_(True) for n, p in s.params.items()}
     try:
         with torch.enable_grad(), s.context():
-            f = functional_call(s.model, {**s.frozen, **leaves}, (x,))  # (n, k)
+            f = s.forward(leaves, x)  # (n, k)
     finally:
         for hook in hooks:
             hook.remove()
@@ -308,12 +329,18 @@ def empirical_ntk(
     chunk_size: int | None = None,
     per_layer: bool = False,
     group: Any = None,
+    output: Output = "auto",
 ) -> Tensor | dict[str, Tensor]:
     """The empirical NTK ``J(x1) D J(x2)^T`` of ``model`` (see the module docstring).
 
     Args:
-        model: maps a batch to outputs ``(n, k)``; evaluated in eval mode.
-        x1, x2: batches (tensors or dicts of tensors); ``x2=None`` means ``x2 = x1``.
+        model: maps a batch to outputs ``(n, k)``; evaluated in eval mode. Outputs may be a
+            tuple, dict or ``ModelOutput``: ``output`` picks the tensor (default ``"auto"``:
+            ``.logits``, else the first tensor; :mod:`curvlab.batches`), and dimensions after
+            the first are flattened into ``k`` (pick e.g. ``lambda o: o.logits[:, -1]`` for a
+            language model's last position). A compiled model runs its eager module.
+        x1, x2: batches of inputs (a tensor, a tuple of positional or a dict of keyword
+            arguments); ``x2=None`` means ``x2 = x1``.
         outputs: ``"full"`` ``(n1, n2, k, k)``, ``"trace"`` ``(n1, n2)``, ``"diagonal"``
             ``(n1, n2, k)``.
         method: ``"structured"``, ``"jacobian"``, ``"ntvp"`` or ``"auto"`` (cheapest estimate).
@@ -330,7 +357,7 @@ def empirical_ntk(
     model, ddp_group = distributed.unwrap(model)
     group = ddp_group if group is None else group
     kwargs = {"outputs": outputs, "method": method, "params": params, "scales": scales,
-              "chunk_size": chunk_size, "per_layer": per_layer}
+              "chunk_size": chunk_size, "per_layer": per_layer, "output": output}
     if not distributed.is_active(group):
         return _local_ntk(model, x1, x2, **kwargs)  # type: ignore[arg-type]
     call = "empirical_ntk"
@@ -354,8 +381,9 @@ def empirical_ntk(
 
 def _local_ntk(model: nn.Module, x1: Any, x2: Any, *, outputs: str, method: str,
                params: Iterable[str] | None, scales: Tensor | None, chunk_size: int | None,
-               per_layer: bool) -> Tensor | dict[str, Tensor]:
+               per_layer: bool, output: Output = "auto") -> Tensor | dict[str, Tensor]:
     call = "empirical_ntk"
+    model = func.unwrap_compiled(model)
     if outputs not in OUTPUTS:
         raise ValueError(f"{call}: outputs must be one of {OUTPUTS}, got {outputs!r}")
     if method not in METHODS:
@@ -367,9 +395,9 @@ def _local_ntk(model: nn.Module, x1: Any, x2: Any, *, outputs: str, method: str,
         full = select_params(model, params, call)
         return {g: _as_tensor(_local_ntk(
             model, x1, x2, outputs=outputs, method=method, params=names, chunk_size=chunk_size,
-            scales=None if scales is None else _subset(scales, full, names), per_layer=False))
-            for g, names in groups.items()}
-    s = _Setup(model, x1, x2, params, scales, call)
+            scales=None if scales is None else _subset(scales, full, names), per_layer=False,
+            output=output)) for g, names in groups.items()}
+    s = _Setup(model, x1, x2, params, scales, call, output)
     if method == "auto":
         costs = _costs(s, outputs)
         method = min(costs, key=costs.__getitem__)
@@ -400,10 +428,11 @@ class NTKOperator(OperatorBase):
     """
 
     def __init__(self, model: nn.Module, x: Any, *, params: Iterable[str] | None = None,
-                 scales: Tensor | None = None, group: Any = None) -> None:
+                 scales: Tensor | None = None, group: Any = None,
+                 output: Output = "auto") -> None:
         model, ddp_group = distributed.unwrap(model)
         group = ddp_group if group is None else group
-        self._s = s = _Setup(model, x, None, params, scales, "NTKOperator")
+        self._s = s = _Setup(model, x, None, params, scales, "NTKOperator", output)
         n = func.batch_size(x)
         self.n, self.k = n, s.k
         self.shape = (n * s.k, n * s.k)
@@ -419,7 +448,7 @@ class NTKOperator(OperatorBase):
             self.shape = (int(counts.sum()) * s.k,) * 2
 
         def f(p: dict[str, Tensor]) -> Tensor:
-            return functional_call(s.model, {**s.frozen, **p}, (s.x1,))  # (n, k)
+            return s.forward(p, s.x1)  # (n, k)
 
         self._f = f
         with s.context():
@@ -481,6 +510,7 @@ def ntk_eigenvalues(
     tol: float = 1e-8,
     generator: torch.Generator | None = None,
     group: Any = None,
+    output: Output = "auto",
 ) -> Tensor:
     """Eigenvalues of the full kernel ``(n k, n k)`` on ``x``, largest first, float64.
 
@@ -488,7 +518,8 @@ def ntk_eigenvalues(
     ``"lanczos"`` runs :func:`~curvlab.linalg.lanczos` on :class:`NTKOperator` (``k`` required);
     ``"auto"`` is dense up to ``max_dense`` rows (or when all eigenvalues are asked for).
     With a process group (``group``, as for :func:`empirical_ntk`) ``x`` is this rank's shard
-    and the eigenvalues are those of the kernel over every rank's examples.
+    and the eigenvalues are those of the kernel over every rank's examples. ``output`` picks
+    the model's output tensor as in :func:`empirical_ntk`.
     """
     from curvlab.linalg import lanczos  # linalg is a sibling layer; imported where used
 
@@ -502,14 +533,15 @@ def ntk_eigenvalues(
         device = next(model.parameters()).device
         n = int(distributed.Shards(group, device).all_gather_rows(
             torch.tensor([n], device=device)).sum())
-    size = n * _Setup(model, x, None, params, scales, call).k
+    size = n * _Setup(model, x, None, params, scales, call, output).k
     if solver == "lanczos" or (solver == "auto" and k is not None and size > max_dense):
         if k is None:
             raise ValueError(f"{call}: the Lanczos solver needs k, the number of eigenvalues")
-        A = NTKOperator(model, x, params=params, scales=scales, group=group)
+        A = NTKOperator(model, x, params=params, scales=scales, group=group, output=output)
         res = lanczos(A, k, tol=tol, generator=generator, throw=True)
         return res.eigenvalues
-    K = _as_tensor(empirical_ntk(model, x, params=params, scales=scales, group=group))
+    K = _as_tensor(empirical_ntk(model, x, params=params, scales=scales, group=group,
+                                 output=output))
     M = K.permute(0, 2, 1, 3).reshape(size, size)  # (N k, N k)
     eigs = torch.linalg.eigvalsh(M.double()).flip(0).cpu()  # (n k,)
     return eigs if k is None else eigs[:k]

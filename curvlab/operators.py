@@ -20,7 +20,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any
 
@@ -30,9 +30,9 @@ from scipy.sparse.linalg import LinearOperator
 from torch import Tensor, nn
 
 from curvlab import distributed, func
+from curvlab.batches import Output, Weights, as_batches, batch_weight, check_weights, split_batch
 from curvlab.func import ParamLayout, Product
 
-Batch = tuple[Any, Any]
 METHODS = ("auto", "fwd-rev", "rev-rev")
 
 
@@ -78,20 +78,6 @@ class OperatorBase:
                               dtype=np_dtype)
 
 
-def _as_batches(data: Any, call: str) -> tuple[Sequence[Batch] | Iterable[Batch], bool]:
-    """Return ``(batches, is_single)``; a batch is a tuple ``(inputs, targets)``."""
-    if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], Tensor | Mapping):
-        return [data], True
-    if isinstance(data, Tensor | Mapping) or not isinstance(data, Iterable):
-        raise TypeError(f"{call}: data must be an (inputs, targets) tuple or an iterable of such "
-                        f"batches, got {type(data).__name__}")
-    if iter(data) is data:
-        raise TypeError(f"{call}: data is a one-shot iterator ({type(data).__name__}), but every "
-                        "product passes over the data again; pass a list of batches or a "
-                        "DataLoader (without shuffling)")
-    return data, False
-
-
 def select_params(model: nn.Module, params: Iterable[str] | None, call: str) -> dict[str, Tensor]:
     """The named parameters to differentiate: all that require grad, or the given names."""
     named: dict[str, Tensor] = dict(model.named_parameters())
@@ -124,12 +110,15 @@ class _CurvatureOperator(OperatorBase):
         allow_train_mode: bool = False,
         seed: int = 0,
         group: Any = None,
+        output: Output = "auto",
+        weights: Weights = None,
     ) -> None:
         name = type(self).__name__
         if not isinstance(model, nn.Module):
             raise TypeError(f"{name}: model must be a torch.nn.Module, got {type(model).__name__}")
         model, ddp_group = distributed.unwrap(model)
         group = ddp_group if group is None else group
+        self.output, self.weights = output, check_weights(weights, name)
         self._shards: distributed.Shards | None = None
         if distributed.is_active(group):
             first = next(model.parameters(), None)
@@ -156,14 +145,15 @@ class _CurvatureOperator(OperatorBase):
             raise TypeError(f"{name}: loss_fn must be callable as loss_fn(outputs, targets)")
         if method not in METHODS:
             raise ValueError(f"{name}: method must be one of {METHODS}, got {method!r}")
-        stochastic = func.stochastic_modules_in_train_mode(model)
+        inner = func.unwrap_compiled(model)  # names, modes and buffers of a compiled model
+        stochastic = func.stochastic_modules_in_train_mode(inner)
         if stochastic and not allow_train_mode:
             raise ValueError(f"{name}: modules {stochastic[:4]} are in training mode, which would "
                              "make the curvature depend on batch statistics or random masks; call "
                              "model.eval() first, or pass allow_train_mode=True to measure the "
                              "train-mode loss (batch statistics, fixed dropout masks)")
-        self._batches, single = _as_batches(data, name)
-        chosen = select_params(model, params, name)
+        self._batches, single = as_batches(data, name)
+        chosen = select_params(inner, params, name)
         dtypes = {p.dtype for p in chosen.values()}
         if len(dtypes) != 1:
             raise TypeError(f"{name}: the selected parameters mix dtypes "
@@ -176,34 +166,38 @@ class _CurvatureOperator(OperatorBase):
         # A snapshot: the operator is the curvature at the parameters it was built with.
         snapshot = self.layout.ravel({n: p.detach() for n, p in chosen.items()})  # (P,), a copy
         self._primals = self.layout.unravel(snapshot)  # name -> view of the snapshot
-        self._frozen = {n: p.detach() for n, p in model.named_parameters() if n not in chosen}
-        self._frozen.update({n: b.detach().clone() for n, b in model.named_buffers()})
+        self._frozen = {n: p.detach() for n, p in inner.named_parameters() if n not in chosen}
+        self._frozen.update({n: b.detach().clone() for n, b in inner.named_buffers()})
         self.model, self.loss_fn = model, loss_fn
         self.allow_train_mode, self.seed = allow_train_mode, seed
-        self._tied = func.has_tied_tensors(model)
+        self._tied = func.has_tied_tensors(inner)
         # The Hessian's rev-rev route swaps the tensors in through slots looked up once
         # (func.Reparametrized); tied tensors need functional_call's alias handling.
         self._call = None if self._tied else func.Reparametrized(
             model, [*self._frozen, *self.layout.names])
         self.reuse_graph = single if reuse_graph is None else bool(reuse_graph)
-        self.method = "rev-rev" if method == "auto" else method
+        # auto: double backward, except where aot_autograd (torch.compile) cannot run it.
+        self._auto = method == "auto"
+        self.method = method if not self._auto else (
+            "fwd-rev" if func.is_compiled(model) else "rev-rev")
         self.num_matvecs = 0
         self._cache: dict[int, Product] = {}
         self._name = name
         if self.reuse_graph:  # build (and validate) the kept graphs now
             for i, batch in enumerate(self._batches):
-                if self._shards is None or func.batch_size(batch[0]) > 0:
+                if self._shards is None or self._weight(batch, i) > 0:
                     self._product(i, batch)
         if not self._cache and next(iter(self._batches), None) is None and self._shards is None:
             raise ValueError(f"{name}: data holds no batches; pass at least one (inputs, targets)")
 
-    def _local_count(self) -> int:
-        """Examples on this rank: the sum of its batch sizes (0 for an empty shard)."""
-        count = 0
-        for batch in self._batches:
-            inputs = batch[0] if isinstance(batch, tuple | list) and len(batch) == 2 else None
-            count += func.batch_size(inputs) if inputs is not None else 0
-        return count
+    def _weight(self, batch: Any, index: int) -> float:
+        """``w_b``: the batch's number of examples, or ``weights(inputs, targets)``."""
+        inputs, targets = split_batch(batch, index, self._name)
+        return batch_weight(self.weights, inputs, targets, index, self._name)
+
+    def _local_count(self) -> float:
+        """The total weight on this rank: the sum of its ``w_b`` (0 for an empty shard)."""
+        return sum(self._weight(batch, i) for i, batch in enumerate(self._batches))
 
     def broadcast(self, t: Tensor) -> Tensor:
         return t if self._shards is None else self._shards.broadcast(t)
@@ -225,15 +219,11 @@ class _CurvatureOperator(OperatorBase):
         return func.forward_context(self.model, train_mode=self.allow_train_mode,
                                     seed=self.seed + index, device=self.device)
 
-    def _split(self, batch: Any, index: int) -> tuple[Any, Any, int]:
-        if not (isinstance(batch, tuple | list) and len(batch) == 2):
-            raise TypeError(f"{self._name}: batch {index} must be an (inputs, targets) pair, got "
-                            f"{type(batch).__name__}")
-        inputs, targets = batch
-        n = func.batch_size(inputs)
-        if n == 0:
+    def _split(self, batch: Any, index: int) -> tuple[Any, Any, float]:
+        inputs, targets = split_batch(batch, index, self._name)
+        if func.batch_size(inputs) == 0:
             raise ValueError(f"{self._name}: batch {index} is empty; drop it from data")
-        return inputs, targets, n
+        return inputs, targets, batch_weight(self.weights, inputs, targets, index, self._name)
 
     def _make_product(self, inputs: Any, targets: Any, index: int) -> Product:
         raise NotImplementedError
@@ -242,10 +232,45 @@ class _CurvatureOperator(OperatorBase):
         if index in self._cache:
             return self._cache[index]
         inputs, targets, _ = self._split(batch, index)
-        product = self._make_product(inputs, targets, index)
+        try:
+            product = self._make_product(inputs, targets, index)
+        except RuntimeError as err:
+            if not self._fall_back(err):
+                raise
+            product = self._make_product(inputs, targets, index)
         if self.reuse_graph:
             self._cache[index] = product
         return product
+
+    def _fall_back(self, err: RuntimeError) -> bool:
+        """Under ``method="auto"``, switch from rev-rev to fwd-rev when ``err`` says the model
+        has no double backward (a compiled function inside the forward, a once-differentiable
+        custom Function); ``False`` when there is nothing to switch to."""
+        if not (self._auto and self.method == "rev-rev" and _unsupported_route(err)):
+            return False
+        self.method, self._cache = "fwd-rev", {}
+        return True
+
+    def _apply(self, index: int, batch: Any, V: Tensor) -> Tensor:
+        """``H_b V`` of batch ``index``, with the error of a route the model lacks explained."""
+        try:
+            return self._product(index, batch)(V)
+        except RuntimeError as err:
+            if self._fall_back(err):
+                return self._product(index, batch)(V)
+            if not _unsupported_route(err):
+                raise
+            reason = str(err).splitlines()[0]
+            if self._auto:  # both routes were tried (or rev-rev cannot run on a compiled model)
+                raise ValueError(
+                    f"{self._name}: neither double backward nor forward-over-reverse runs on this "
+                    f"model ({reason}); give its custom autograd Functions a setup_context and a "
+                    "jvp (or a differentiable backward), or pass the eager module "
+                    "(model._orig_mod of a torch.compile wrapper)") from err
+            other = "rev-rev" if self.method == "fwd-rev" else "fwd-rev"
+            raise ValueError(f"{self._name}: method={self.method!r} does not run on this model "
+                             f"({reason}); try method={other!r} or 'auto'") from err
+
 
     def __matmul__(self, v: Tensor) -> Tensor:
         call = f"{self._name} @ v"
@@ -258,10 +283,12 @@ class _CurvatureOperator(OperatorBase):
             self.num_matvecs += V.shape[1]
             return mean if v.ndim == 2 else mean[:, 0]
         total: Tensor | None = None
-        first = count = 0
+        first = count = 0.0
         for index, batch in enumerate(self._batches):
             _, _, n = self._split(batch, index)
-            out = self._product(index, batch)(V)  # (P, m), curvature of the batch mean
+            if n == 0:  # no weight (e.g. only padding tokens): the batch is not in the objective
+                continue
+            out = self._apply(index, batch, V)  # (P, m), curvature of the batch mean
             if not math.isfinite(out.sum().item()) and not torch.isfinite(out).all():  # cheap first
                 raise ValueError(f"{call}: the product for batch {index} is not finite; the "
                                  "loss or its derivatives overflow there (try float64 or check "
@@ -274,33 +301,49 @@ class _CurvatureOperator(OperatorBase):
                 total.add_(out, alpha=n)
             count += n
         if total is None:
-            raise ValueError(f"{call}: data holds no batches; pass at least one (inputs, targets)")
+            raise ValueError(f"{call}: data holds no batches of positive weight; pass at least "
+                             "one (inputs, targets) whose weight is not 0")
         if count != first:
-            total /= count  # sum_b n_b (H_b V) / N
+            total /= count  # sum_b w_b (H_b V) / sum_b w_b
         self.num_matvecs += V.shape[1]
         return total if v.ndim == 2 else total[:, 0]
 
     def _local_sum(self, V: Tensor) -> Tensor:
-        """``sum_b n_b (H_b V)`` over this rank's batches ``(P, m)``; zeros for an empty shard."""
+        """``sum_b w_b (H_b V)`` over this rank's batches ``(P, m)``; zeros for an empty shard."""
         total = torch.zeros_like(V)  # (P, m)
         for index, batch in enumerate(self._batches):
-            n = func.batch_size(batch[0])
-            if n > 0:
-                total.add_(self._product(index, batch)(V), alpha=n)
+            if func.batch_size(batch[0]) > 0 and (n := self._weight(batch, index)) > 0:
+                total.add_(self._apply(index, batch, V), alpha=n)
         return total
+
+
+_ROUTE_ERRORS = ("double backward", "differentiate twice", "once_differentiable", "jvp",
+                 "forward mode", "forward-mode", "forward AD")
+
+
+def _unsupported_route(err: RuntimeError) -> bool:
+    """Whether ``err`` is autograd saying that a derivative the route needs does not exist."""
+    text = str(err)
+    return any(key in text for key in _ROUTE_ERRORS)
 
 
 class HessianOperator(_CurvatureOperator):
     """The Hessian of the mean loss over ``data`` with respect to the selected parameters.
 
     Args:
-        model: the network; called as ``model(inputs)`` (``inputs`` may be a dict).
-        loss_fn: ``loss_fn(outputs, targets)`` -> the batch mean (a scalar tensor).
+        model: the network; called as ``model(x)``, ``model(*inputs)`` for a tuple and
+            ``model(**inputs)`` for a dict (:mod:`curvlab.batches`). A ``torch.compile`` wrapper
+            is accepted: parameter names are those of the eager module (no ``_orig_mod.``).
+        loss_fn: ``loss_fn(outputs, targets)`` -> the batch mean (a scalar tensor); ``outputs``
+            is the tensor that ``output`` picks.
         data: one ``(inputs, targets)`` tuple, or a re-iterable of them (list, DataLoader without
-            shuffling); batches are weighted by their size.
+            shuffling; a shuffling one is refused); batches are weighted by ``weights``.
         params: ``None`` (every parameter that requires grad) or names: a diagonal block of ``H``.
         method: ``"rev-rev"`` (double backward), ``"fwd-rev"`` (``jvp`` of ``grad``, vmapped over
-            the columns of V), or ``"auto"``, which takes ``"rev-rev"``. The reason: measured on
+            the columns of V), or ``"auto"``, which takes ``"rev-rev"``, and ``"fwd-rev"`` for a
+            compiled model (aot_autograd, behind ``torch.compile``, has no double backward; a
+            compiled function found inside the forward at the first product switches too);
+            ``H.method`` says which was taken. The reason for rev-rev: measured on
             CPU (torch 2.13, benchmarks/hvp.py), one second backward through a kept first-order
             graph costs 1.3-2.0 gradients against 2.7-3.5 for forward-over-reverse, and double
             backward without reuse is still the cheaper of the two (2.3-3.1); reverse mode also
@@ -313,6 +356,13 @@ class HessianOperator(_CurvatureOperator):
         allow_train_mode: measure the train-mode loss: BatchNorm uses batch statistics (its
             running statistics are never written) and Dropout replays one fixed mask per batch.
         seed: the RNG seed for those masks (batch ``i`` uses ``seed + i``).
+        output: which tensor of the model's outputs ``loss_fn`` gets: ``"auto"`` (a tensor as it
+            is, else ``.logits``, else the first tensor), a key or attribute name, a tuple index,
+            a callable, or ``None`` for the raw outputs (:mod:`curvlab.batches`).
+        weights: ``None`` weights batch ``b`` by its number of examples; a callable
+            ``(inputs, targets) -> w_b`` by any count, e.g. ``cl.count_tokens()`` for a loss
+            that is a mean over target tokens. The operator is the Hessian of
+            ``sum_b w_b L_b / sum_b w_b``; batches of weight 0 are left out.
         group: a ``torch.distributed`` process group whose ranks each hold a shard of the data;
             default: the group of a ``DistributedDataParallel`` model, else the default group
             when one is initialized with more than one rank. The operator is then the Hessian of
@@ -328,11 +378,11 @@ class HessianOperator(_CurvatureOperator):
         check = partial(self._check_loss, index=index)
         if self.method == "rev-rev":
             loss = func.make_functional_loss(self.model, self.loss_fn, self._frozen, inputs,
-                                             targets, call=self._call)
+                                             targets, call=self._call, output=self.output)
             return func.make_hvp_revrev(loss, self._primals, self.layout, context=context,
                                         check_loss=check, reuse=self.reuse_graph)
         loss = func.make_functional_loss(self.model, self.loss_fn, self._frozen, inputs, targets,
-                                         tie_weights=self._tied)
+                                         tie_weights=self._tied, output=self.output)
         return func.make_hvp_fwdrev(loss, self._primals, self.layout, context=context,
                                     check_loss=check)
 
@@ -348,7 +398,7 @@ class GGNOperator(_CurvatureOperator):
     """
 
     def _make_product(self, inputs: Any, targets: Any, index: int) -> Product:
-        outputs = func.make_functional_outputs(self.model, self._frozen, inputs)
+        outputs = func.make_functional_outputs(self.model, self._frozen, inputs, self.output)
         factory = func.make_ggnvp_revrev if self.method == "rev-rev" else func.make_ggnvp_fwdrev
         return factory(outputs, lambda f: self.loss_fn(f, targets), self._primals, self.layout,
                        context=partial(self._context, index),

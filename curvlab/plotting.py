@@ -77,8 +77,9 @@ def plot_overlay(runs: Sequence[Run], metric: str = "sharpness_lr", *, hue: str 
             thresholds.update(round(m.threshold, 12) for m in metrics if m.threshold is not None)
         if eos:
             for i, t in enumerate(sorted(thresholds)):
-                ax.axhline(t, color="crimson", ls="--", lw=1.2,
-                           label="EoS 2/eta" if i == 0 else None)
+                label = "Adam EoS (2 + 2 b1) / ((1 - b1) eta)" if "adam" in metric \
+                    else "EoS 2/eta"
+                ax.axhline(t, color="crimson", ls="--", lw=1.2, label=label if i == 0 else None)
         lr = {r.config.get("lr") for r in members}
         lr_text = f", lr {lr.pop():.3g}" if len(lr) == 1 and None not in lr else ""
         ax.set_title(f"{col} {name}{lr_text}" if name != "" else metric)

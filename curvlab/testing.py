@@ -26,71 +26,84 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from curvlab.func import batch_size
-from curvlab.operators import _as_batches, select_params
+from curvlab.batches import Output, Weights, as_batches, batch_weight, call_args, pick_output
+from curvlab.operators import select_params
 
 
-def _flat_loss(model: nn.Module, loss_fn: Callable, data: Any, params: Iterable[str] | None
-               ) -> tuple[Callable[[Tensor], Tensor], Tensor, list[tuple[Any, Any]]]:
+def _forward(model: nn.Module, params: dict[str, Tensor], x: Any, output: Output) -> Any:
+    args, kwargs = call_args(x)
+    return pick_output(functional_call(model, params, args, kwargs), output)
+
+
+def _flat_loss(model: nn.Module, loss_fn: Callable, data: Any, params: Iterable[str] | None,
+               output: Output = "auto", weights: Weights = None
+               ) -> tuple[Callable[[Tensor], Tensor], Tensor, list[tuple[Any, Any]], list[float]]:
     chosen = select_params(model, params, "dense reference")
     names, shapes = list(chosen), [p.shape for p in chosen.values()]
     theta = torch.cat([p.detach().reshape(-1) for p in chosen.values()])  # (P,)
-    batches = list(_as_batches(data, "dense reference")[0])
+    batches = list(as_batches(data, "dense reference")[0])
+    sizes = [batch_weight(weights, x, y, i, "dense reference") for i, (x, y) in enumerate(batches)]
 
     def unflat(t: Tensor) -> dict[str, Tensor]:
         pieces = torch.split(t, [s.numel() for s in shapes])
         return {n: x.view(s) for n, x, s in zip(names, pieces, shapes, strict=True)}
 
     def mean_loss(t: Tensor) -> Tensor:
-        sizes = [batch_size(x) for x, _ in batches]
-        total = sum(n * loss_fn(functional_call(model, unflat(t), (x,)), y)
-                    for n, (x, y) in zip(sizes, batches, strict=True))
+        total = sum(n * loss_fn(_forward(model, unflat(t), x, output), y)
+                    for n, (x, y) in zip(sizes, batches, strict=True) if n > 0)
         return total / sum(sizes)
 
-    return mean_loss, theta, batches
+    return mean_loss, theta, batches, sizes
 
 
 def dense_hessian(model: nn.Module, loss_fn: Callable, data: Any,
-                  params: Iterable[str] | None = None) -> Tensor:
-    """The dense Hessian ``(P, P)`` of the size-weighted mean loss over ``data``."""
-    mean_loss, theta, _ = _flat_loss(model, loss_fn, data, params)
+                  params: Iterable[str] | None = None, *, output: Output = "auto",
+                  weights: Weights = None) -> Tensor:
+    """The dense Hessian ``(P, P)`` of the weighted mean loss over ``data`` (weights, output and
+    batches as in :class:`~curvlab.HessianOperator`)."""
+    mean_loss, theta, _, _ = _flat_loss(model, loss_fn, data, params, output, weights)
     with sdpa_kernel(SDPBackend.MATH):
         return torch.autograd.functional.hessian(mean_loss, theta)  # (P, P)
 
 
 def dense_ggn(model: nn.Module, loss_fn: Callable, data: Any,
-              params: Iterable[str] | None = None) -> Tensor:
+              params: Iterable[str] | None = None, *, output: Output = "auto",
+              weights: Weights = None) -> Tensor:
     """The dense Gauss-Newton matrix ``sum_b (n_b / N) J_b^T H_b J_b``, ``(P, P)``.
 
     ``J_b`` is the Jacobian of the flattened outputs of batch ``b`` and ``H_b`` the Hessian of its
     batch-mean loss with respect to those outputs, both by explicit (non-vectorized) autograd.
     """
     chosen = select_params(model, params, "dense_ggn")
-    _, theta, batches = _flat_loss(model, loss_fn, data, params)
+    _, theta, batches, sizes = _flat_loss(model, loss_fn, data, params, output, weights)
     names, shapes = list(chosen), [p.shape for p in chosen.values()]
     G = torch.zeros(theta.numel(), theta.numel(), dtype=theta.dtype)  # (P, P)
-    total = 0
-    for x, y in batches:
+    total = 0.0
+    for (x, y), n in zip(batches, sizes, strict=True):
+        if n == 0:
+            continue
+
         def outputs(t: Tensor, x: Any = x) -> Tensor:
             pieces = torch.split(t, [s.numel() for s in shapes])
             params_ = {n: p.view(s) for n, p, s in zip(names, pieces, shapes, strict=True)}
-            return functional_call(model, params_, (x,)).reshape(-1)  # (n k,)
+            return _forward(model, params_, x, output).reshape(-1)  # (n k,)
 
         with sdpa_kernel(SDPBackend.MATH):
             J = torch.autograd.functional.jacobian(outputs, theta)  # (n k, P)
             f = outputs(theta).detach()  # (n k,)
         with torch.no_grad():
-            shape = model(x).shape  # (n, k)
+            shape = _forward(model, dict(model.named_parameters()), x, output).shape  # (n, k)
         Hf = torch.autograd.functional.hessian(
             lambda g, y=y, shape=shape: loss_fn(g.view(shape), y), f)  # (n k, n k)
-        n = batch_size(x)
         G += n * (J.T @ Hf @ J)
         total += n
     return G / total
 
 
-def dense_jacobian(model: nn.Module, x: Any, params: Iterable[str] | None = None) -> Tensor:
-    """The Jacobian ``(n, k, P)`` of the outputs on batch ``x`` by explicit autograd (eval mode)."""
+def dense_jacobian(model: nn.Module, x: Any, params: Iterable[str] | None = None, *,
+                   output: Output = "auto") -> Tensor:
+    """The Jacobian ``(n, k, P)`` of the outputs on batch ``x`` by explicit autograd (eval mode);
+    outputs with more than two dimensions are flattened to ``(n, k)``, as the NTK does."""
     chosen = select_params(model, params, "dense_jacobian")
     names, shapes = list(chosen), [p.shape for p in chosen.values()]
     theta = torch.cat([p.detach().reshape(-1) for p in chosen.values()])  # (P,)
@@ -98,7 +111,8 @@ def dense_jacobian(model: nn.Module, x: Any, params: Iterable[str] | None = None
     def outputs(t: Tensor) -> Tensor:
         pieces = torch.split(t, [s.numel() for s in shapes])
         params_ = {n: p.view(s) for n, p, s in zip(names, pieces, shapes, strict=True)}
-        return functional_call(model, params_, (x,))  # (n, k)
+        f = _forward(model, params_, x, output)  # (n, ...)
+        return f.reshape(f.shape[0], -1)  # (n, k)
 
     with sdpa_kernel(SDPBackend.MATH):
         return torch.autograd.functional.jacobian(outputs, theta)  # (n, k, P)
@@ -209,15 +223,15 @@ class SharedLayer(nn.Module):
 
 
 class DictInput(nn.Module):
-    """Takes ``{"x": (n, d_x), "z": (n, d_z)}`` and mixes both streams."""
+    """Takes the inputs ``{"x": (n, d_x), "z": (n, d_z)}`` as keyword arguments; mixes both."""
 
     def __init__(self, d_x: int = 5, d_z: int = 3, width: int = 8, d_out: int = 2):
         super().__init__()
         self.fx, self.fz = nn.Linear(d_x, width), nn.Linear(d_z, width)
         self.out = nn.Linear(width, d_out)
 
-    def forward(self, inputs: dict[str, Tensor]) -> Tensor:
-        h = torch.tanh(self.fx(inputs["x"])) * torch.sigmoid(self.fz(inputs["z"]))  # (n, width)
+    def forward(self, x: Tensor, z: Tensor) -> Tensor:  # called as model(**{"x": ..., "z": ...})
+        h = torch.tanh(self.fx(x)) * torch.sigmoid(self.fz(z))  # (n, width)
         return self.out(h)  # (n, d_out)
 
 

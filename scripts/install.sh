@@ -27,11 +27,15 @@ echo "install: keeping torch ${torch_version}; installing curvlab[${extras}]"
 
 "$PY" -m pip install --quiet -c "$constraints" -e ".[${extras}]"
 
-# The compare extra pulls torchvision (through curvlinops -> backpack). A torchvision built for
-# another torch fails at import ("operator torchvision::nms does not exist") and then breaks every
-# package that imports it when present (torchmetrics, hence Lightning). None of curvlab's code
-# needs it, so an unloadable one is removed.
-if "$PY" -m pip show torchvision >/dev/null 2>&1 && ! "$PY" -c "import torchvision" >/dev/null 2>&1; then
+# torchvision comes with the dev extra (the tests build its resnet18, and timm needs it) and with
+# compare (curvlinops -> backpack). PyPI's torchvision is built against PyPI's CUDA torch: beside
+# a CPU torch its compiled ops do not load and its import fails ("operator torchvision::nms does
+# not exist"), which breaks every package that imports it when present (torchmetrics, hence
+# Lightning; timm; transformers). The test suite makes it importable (tests/torchvision_compat.py),
+# so with the dev extra it is kept; otherwise (none of curvlab's own code needs it) an unloadable
+# one is removed.
+if [[ ",${extras}," != *",dev,"* ]] && "$PY" -m pip show torchvision >/dev/null 2>&1 \
+        && ! "$PY" -c "import torchvision" >/dev/null 2>&1; then
     echo "install: removing torchvision: it does not load with torch ${torch_version}"
     "$PY" -m pip uninstall --quiet -y torchvision
 fi

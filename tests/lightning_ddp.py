@@ -10,6 +10,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import torchvision_compat  # noqa: F401  (before Lightning imports torchvision)
 from lightning.pytorch import LightningModule, Trainer
 from torch.utils.data import DataLoader, TensorDataset
 

@@ -332,17 +332,27 @@ def test_feature_change_errors():
         cl.feature_change(model, loss, batch, opt, layers="x")
 
 
-def test_tuple_output_layer_is_refused():
+def test_tuple_output_layer_gives_its_first_tensor_and_a_dict_output_is_refused():
+    class Pair(nn.Module):  # returns a dict: no tensor to take
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return {"h": self.lin(x)}
+
     class Attn(nn.Module):
         def __init__(self):
             super().__init__()
             self.mha, self.head = nn.MultiheadAttention(4, 1, batch_first=True), nn.Linear(4, 2)
+            self.pair = Pair()
 
         def forward(self, x):
-            return self.head(self.mha(x, x, x)[0].mean(1))
+            return self.head(self.mha(x, x, x)[0].mean(1) + self.pair(x)["h"].mean(1))
 
     model = Attn().double().eval()
     data = (_rand(3, 5, 4), _rand(3, 2))
-    with pytest.raises(TypeError, match="layer 'mha' returns tuple, not a tensor"):
-        cl.feature_speed(model, mse, data, layers=["mha"])
-    assert cl.feature_speed(model, mse, data).layers == ("head",)
+    r = cl.feature_speed(model, mse, data, layers=["mha"], lrs=0.1)
+    assert r.layers == ("mha",) and np.isfinite(r.cos_theta[0]) and r.feature_update_norm[0] > 0
+    with pytest.raises(TypeError, match="layer 'pair' returns dict, not a tensor"):
+        cl.feature_speed(model, mse, data, layers=["pair"])

@@ -54,6 +54,28 @@ def test_lightning_callback_logs_the_same_metrics_as_a_plain_loop(tmp_path):
     assert light["sharpness"].threshold == pytest.approx(2 / LR)
 
 
+def _fit(tmp_path, with_callback: bool) -> dict[str, torch.Tensor]:
+    model, x, y = problem()
+    callbacks = []
+    if with_callback:
+        log = cl.RunLogger(tmp_path / "fit.h5", {"lr": LR})
+        callbacks.append(CurvlabCallback(cl.Monitor(model, mse, (x, y), log, _measurements())))
+    trainer = Trainer(max_steps=STEPS, accelerator="cpu", logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(Module(model), DataLoader(TensorDataset(x, y), batch_size=32))
+    if with_callback:
+        log.close()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_training_with_the_callback_is_bit_identical_to_training_without(tmp_path):
+    with_cb, without = _fit(tmp_path, True), _fit(tmp_path, False)
+    assert all(torch.equal(with_cb[n], without[n]) for n in with_cb)
+    assert cl.load_run(tmp_path / "fit.h5")["sharpness"].step.tolist() == [0, 10, 20]
+
+
 def test_callback_refuses_other_objects():
     with pytest.raises(TypeError, match=r"CurvlabCallback: expected a curvlab\.Monitor"):
         CurvlabCallback("monitor")

@@ -21,3 +21,16 @@ def test_readme_training_loop_tour_runs() -> None:
     exec(compile(blocks[1], "README.md", "exec"), namespace)
     assert namespace["run"].metrics["sharpness"].step.tolist() == [0, 10, 20]
     assert len(namespace["fs"].layers) == 5
+
+
+def test_readme_real_models_tour_runs() -> None:
+    import torchvision_compat  # noqa: F401  (transformers imports torchvision)
+
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert len(blocks) >= 3, "the README has no tour of models from other libraries"
+    namespace: dict = {}
+    exec(compile(blocks[2], "README.md", "exec"), namespace)
+    assert namespace["fs"].layers == ("transformer.h.0:in", "transformer.h.0", "transformer.h.1",
+                                      "transformer.ln_f")
+    assert namespace["K"].shape == (5, 5, 64, 64) and namespace["top"][0] > 0

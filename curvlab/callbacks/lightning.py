@@ -9,7 +9,11 @@ Example (not run here)::
     monitor = cl.Monitor(model, loss_fn, probe, logger, [cl.Sharpness(every=10)], optimizer=None)
     trainer = lightning.Trainer(callbacks=[CurvlabCallback(monitor)])
 
-With ``optimizer=None`` the callback takes the Trainer's first optimizer at train start.
+With ``optimizer=None`` the callback takes the Trainer's first optimizer at train start. The probe
+is the Monitor's, given explicitly: a fixed batch or list of batches in any form of
+:mod:`curvlab.batches` (e.g. ``list(itertools.islice(DataLoader(val_set, 64), 2))``), never the
+Trainer's shuffling training loader, which the Monitor refuses. Measurements fork the RNG and
+restore the model's modes, so training with the callback is bit-identical to training without.
 """
 
 from __future__ import annotations

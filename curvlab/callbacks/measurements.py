@@ -18,13 +18,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from curvlab import distributed
+from curvlab.batches import (
+    Output,
+    as_batches,
+    batch_weight,
+    call_model,
+    pick_output,
+    take_batch,
+)
 from curvlab.callbacks.monitor import Context, Measurement, Record
 from curvlab.features import feature_change, feature_speed
 from curvlab.func import forward_context
 from curvlab.kernel_metrics import kernel_alignment, kernel_distance
 from curvlab.linalg import hutchpp_trace, lanczos, spectral_density
 from curvlab.ntk import empirical_ntk
-from curvlab.operators import HessianOperator, _as_batches
+from curvlab.operators import HessianOperator
 from curvlab.preconditioning import adam_scales, lr_scales, preconditioned
 
 PRECONDITIONERS = (None, "lr", "adam")
@@ -74,8 +82,10 @@ def eos_threshold(kind: str | None, optimizer: Any) -> float | None:
         return None
     if kind is None:
         lrs = {float(g["lr"]) for g in optimizer.param_groups}
-        return 2.0 / lrs.pop() if len(lrs) == 1 else None
+        return 2.0 / lrs.pop() if len(lrs) == 1 and 0 not in lrs else None
     base = float(optimizer.defaults["lr"])
+    if base <= 0:  # no step is taken at LR 0: there is no stability threshold
+        return None
     if kind == "lr":
         return 2.0 / base
     beta1 = float(optimizer.param_groups[0]["betas"][0])
@@ -88,20 +98,23 @@ class Loss(Measurement):
     name = "loss"
 
     def measure(self, ctx: Context) -> list[Record]:
-        batches, _ = _as_batches(ctx.probe, "Loss")
-        total, count = 0.0, 0
+        batches, _ = as_batches(ctx.probe, "Loss")
+        total, count = 0.0, 0.0
         device = next(ctx.model.parameters()).device
         with forward_context(ctx.model, train_mode=False, seed=0, device=device), \
                 torch.no_grad():
-            for x, y in batches:
-                n = len(y)
-                total += float(ctx.loss_fn(ctx.model(x), y)) * n
-                count += n
+            for i, (x, y) in enumerate(batches):
+                n = batch_weight(ctx.weights, x, y, i, "Loss")
+                if n > 0:
+                    out = pick_output(call_model(ctx.model, x), ctx.output, "Loss")
+                    total += float(ctx.loss_fn(out, y)) * n
+                    count += n
         if distributed.is_active():  # the mean over every rank's probe examples
             sums = torch.tensor([total, count], dtype=torch.float64, device=device)
             torch.distributed.all_reduce(sums)
-            total, count = float(sums[0]), int(sums[1])
-        return [Record(self.name, total / count, description="mean loss over the probe")]
+            total, count = float(sums[0]), float(sums[1])
+        return [Record(self.name, total / count, description="mean loss over the probe "
+                       "(batches weighted as the operators weight them)")]
 
 
 class _HessianMeasurement(Measurement):
@@ -124,7 +137,8 @@ class _HessianMeasurement(Measurement):
             self._blocks = resolve_blocks(ctx.model, self.blocks, type(self).__name__)
 
     def operator(self, ctx: Context, params: list[str] | None = None) -> Any:
-        H: Any = HessianOperator(ctx.model, ctx.loss_fn, ctx.probe, params=params)
+        H: Any = HessianOperator(ctx.model, ctx.loss_fn, ctx.probe, params=params,
+                                 output=ctx.output, weights=ctx.weights)
         scales = _scales(self.kind, ctx.optimizer, ctx.model, type(self).__name__)
         if scales is not None:
             if params is not None:
@@ -260,36 +274,42 @@ class NTKSpectrum(Measurement):
     ``size`` keeps only the first ``size`` examples (the kernel costs ``size^2``). With the
     Monitor's optimizer the kernel is LR-weighted, ``J D J^T`` with ``D = lr_scales`` (the kernel
     of one step, ``df = -eta J D J^T grad_f L``; MATH.md section 4), so that per-layer learning
-    rates (muP) count; ``lr_weighted=False`` gives ``J J^T``."""
+    rates (muP) count; ``lr_weighted=False`` gives ``J J^T``. ``output`` picks the kernel's output
+    tensor (default: the Monitor's ``output``), e.g. ``lambda o: o.logits[:, -1]`` for a language
+    model's last position; outputs beyond ``(n, k)`` are flattened. Alignment is logged when the
+    targets are one row per example (labels or regression targets)."""
 
     name = "ntk"
 
     def __init__(self, *, k: int = 10, size: int | None = None, lr_weighted: bool = True,
-                 **schedule: Any) -> None:
+                 output: Output | None = None, **schedule: Any) -> None:
         super().__init__(**schedule)
-        self.k, self.size, self.lr_weighted = k, size, lr_weighted
+        self.k, self.size, self.lr_weighted, self.output = k, size, lr_weighted, output
         self._first: torch.Tensor | None = None
 
     def measure(self, ctx: Context) -> list[Record]:
-        x, y = ctx.first_batch
-        if self.size is not None:
-            x, y = x[:self.size], y[:self.size]
+        x, y = ctx.first_batch if self.size is None else take_batch(ctx.first_batch, self.size)
         scales = _scales("lr", ctx.optimizer, ctx.model, "NTKSpectrum") \
             if self.lr_weighted and ctx.optimizer is not None else None
-        K = empirical_ntk(ctx.model, x, outputs="trace", scales=scales)  # (n, n)
+        K = empirical_ntk(ctx.model, x, outputs="trace", scales=scales,
+                          output=ctx.output if self.output is None else self.output)  # (n, n)
         if not isinstance(K, torch.Tensor):  # per_layer=True is never asked for here
             raise TypeError("NTKSpectrum: expected one kernel tensor")
         k = min(self.k, K.shape[0])
         eig = torch.linalg.eigvalsh(K.double()).flip(0)[:k]  # (k,), largest first
-        targets = y if y.is_floating_point() else F.one_hot(y).to(K.dtype)  # (n, c)
         if self._first is None:
             self._first = K.detach().clone()
-        return [Record(f"{self.name}_top", eig, [str(i) for i in range(k)],
-                       "top eigenvalues of the empirical NTK (trace over outputs)"),
-                Record(f"{self.name}_alignment", kernel_alignment(K, targets.reshape(len(y), -1)),
-                       description="centered kernel-target alignment"),
-                Record(f"{self.name}_distance_from_start", kernel_distance(K, self._first),
-                       description="1 - cos(K_t, K_first)")]
+        records = [Record(f"{self.name}_top", eig, [str(i) for i in range(k)],
+                          "top eigenvalues of the empirical NTK (trace over outputs)")]
+        if isinstance(y, torch.Tensor) and y.shape[:1] == K.shape[:1] and (
+                y.is_floating_point() or y.ndim == 1):  # one target row per example
+            targets = y if y.is_floating_point() else F.one_hot(y).to(K.dtype)  # (n, c)
+            records.append(Record(f"{self.name}_alignment",
+                                  kernel_alignment(K, targets.reshape(len(y), -1)),
+                                  description="centered kernel-target alignment"))
+        records.append(Record(f"{self.name}_distance_from_start", kernel_distance(K, self._first),
+                              description="1 - cos(K_t, K_first)"))
+        return records
 
 
 class FeatureSpeed(Measurement):
@@ -304,7 +324,7 @@ class FeatureSpeed(Measurement):
 
     def measure(self, ctx: Context) -> list[Record]:
         r = feature_speed(ctx.model, ctx.loss_fn, ctx.first_batch, layers=self.layers,
-                          optimizer=ctx.optimizer)
+                          optimizer=ctx.optimizer, output=ctx.output)
         return [Record(f"{self.name}_{key}", value, r.layers, f"feature speed: {key} per layer")
                 for key, value in r.as_dict().items()]
 
@@ -329,7 +349,7 @@ class FeatureChange(Measurement):
         if ctx.optimizer is None:
             raise ValueError("FeatureChange: needs the Monitor's optimizer")
         r = feature_change(ctx.model, ctx.loss_fn, ctx.first_batch, ctx.optimizer,
-                           layers=self.layers)
+                           layers=self.layers, output=ctx.output)
         return [Record("feature_rms", r.feature_rms, r.layers, "RMS of the features"),
                 Record(f"{self.name}_rms", r.change_rms, r.layers,
                        "RMS change of the features after one optimizer step")]

@@ -50,6 +50,7 @@ import torch
 from torch import Tensor, nn
 
 from curvlab import distributed
+from curvlab.batches import Output, Weights, as_batches, check_weights
 from curvlab.hdf5 import RunLogger
 
 
@@ -96,13 +97,14 @@ class Context:
     optimizer: torch.optim.Optimizer | None
     step: int
     generator: torch.Generator
+    output: Output = "auto"
+    weights: Weights = None
 
     @property
     def first_batch(self) -> tuple[Any, Any]:
         """The probe's first ``(inputs, targets)`` batch (feature and NTK measurements)."""
-        if isinstance(self.probe, tuple) and len(self.probe) == 2:
-            return self.probe
-        return next(iter(self.probe))
+        batches, _ = as_batches(self.probe, "Monitor")
+        return next(iter(batches))
 
 
 @dataclass(frozen=True)
@@ -140,8 +142,9 @@ class Monitor:
 
     Args:
         model, loss_fn: the trained model and its batch-mean loss.
-        probe: the fixed data measured on: one ``(inputs, targets)`` batch or a list of batches
-            (feature and NTK measurements use the first).
+        probe: the fixed data measured on: one ``(inputs, targets)`` batch or a list (or
+            non-shuffling DataLoader) of batches, in any form of :mod:`curvlab.batches`; feature
+            and NTK measurements use the first batch.
         logger: a :class:`~curvlab.RunLogger`.
         measurements: e.g. ``[cl.Loss(every=1), cl.Sharpness(every=10)]``.
         optimizer: the training optimizer (LR and Adam preconditioning, feature change).
@@ -149,12 +152,17 @@ class Monitor:
             measurement is skipped while the share spent so far exceeds it (the schedule
             stretches), and the skip is counted in ``monitor_skipped``.
         seed: seeds the per-step ``torch.Generator`` of stochastic estimators.
+        output: the tensor of the model's outputs that ``loss_fn`` (and the NTK) gets, as in
+            :class:`~curvlab.HessianOperator` (default ``"auto"``: a tensor, ``.logits``, or the
+            first tensor).
+        weights: batch weights of the probe, as in :class:`~curvlab.HessianOperator` (default:
+            examples; ``cl.count_tokens()`` for a token-mean loss).
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], probe: Any,
                  logger: RunLogger, measurements: Sequence[Measurement], *,
                  optimizer: torch.optim.Optimizer | None = None, budget: float | None = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, output: Output = "auto", weights: Weights = None) -> None:
         call = "Monitor"
         if not isinstance(logger, RunLogger):
             raise TypeError(f"{call}: logger must be a curvlab.RunLogger, got "
@@ -172,13 +180,16 @@ class Monitor:
         self.model, self.loss_fn, self.probe, self.logger = model, loss_fn, probe, logger
         self.measurements, self.optimizer = list(measurements), optimizer
         self.budget, self.seed = budget, seed
+        self.output, self.weights = output, check_weights(weights, call)
+        as_batches(probe, call)  # refuse a shuffling DataLoader or a one-shot iterator now
         self.spent = 0.0  # seconds inside measurements
         self.skipped = 0
         self._start: float | None = None
 
     def _context(self, step: int) -> Context:
         generator = torch.Generator(device=_device(self.model)).manual_seed(self.seed + step)
-        return Context(self.model, self.loss_fn, self.probe, self.optimizer, step, generator)
+        return Context(self.model, self.loss_fn, self.probe, self.optimizer, step, generator,
+                       self.output, self.weights)
 
     def on_train_start(self) -> None:
         self._start = time.perf_counter()

@@ -1,0 +1,230 @@
+"""Compiled models, the Hugging Face Trainer callback, and what cannot be one operator."""
+
+from __future__ import annotations
+
+import multiprocessing
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from cases import assert_rel_close, vectors
+from real_models import gpt2
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import curvlab as cl
+from curvlab.testing import MLP, mse
+
+
+def _mlp_problem() -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    torch.manual_seed(0)
+    model = MLP(d_in=4, width=8, d_out=2).double().eval()
+    g = torch.Generator().manual_seed(1)
+    return model, (torch.randn(16, 4, generator=g, dtype=torch.float64),
+                   torch.randn(16, 2, generator=g, dtype=torch.float64))
+
+
+def _compiled_cases():
+    model, data = _mlp_problem()
+    yield pytest.param(("mlp-inductor", model, torch.compile(model), mse, data, None))
+    real = gpt2()
+    yield pytest.param(("gpt2-aot_eager", real.model,
+                        torch.compile(real.model, backend="aot_eager"), real.loss_fn,
+                        real.batches, real.weights), marks=pytest.mark.slow)  # 40 s: test-slow
+
+
+@pytest.mark.parametrize("case", list(_compiled_cases()),
+                         ids=lambda c: c[0] if isinstance(c, tuple) else None)
+def test_compiled_models_take_a_route_that_works_and_equal_the_eager_values(case, tmp_path):
+    _, model, compiled, loss_fn, data, weights = case
+    torch._dynamo.reset()
+    H = cl.HessianOperator(compiled, loss_fn, data, weights=weights)
+    eager = cl.HessianOperator(model, loss_fn, data, weights=weights)
+    assert H.method == "fwd-rev" and eager.method == "rev-rev"  # aot_autograd: no double backward
+    assert H.param_names == eager.param_names  # no "_orig_mod." prefix
+    V = vectors(H.shape[0], 2)
+    assert_rel_close(H @ V, eager @ V, 1e-10)
+    top = cl.sharpness(compiled, loss_fn, data, weights=weights, tol=1e-8)
+    assert top == pytest.approx(cl.sharpness(model, loss_fn, data, weights=weights, tol=1e-8),
+                                rel=1e-7)
+    values = []
+    for name, net in (("compiled", compiled), ("eager", model)):
+        with cl.RunLogger(tmp_path / f"{name}.h5", {}) as log:
+            mon = cl.Monitor(net, loss_fn, data, log, [cl.Sharpness(every=1, tol=1e-8),
+                                                       cl.FeatureSpeed(every=1)],
+                             weights=weights)
+            mon.on_train_start()
+        run = cl.load_run(tmp_path / f"{name}.h5")
+        values.append((run["sharpness"].value, run["feature_cos_theta"].value,
+                       run["feature_cos_theta"].labels))
+    np.testing.assert_allclose(values[0][0], values[1][0], rtol=1e-7)
+    np.testing.assert_allclose(values[0][1], values[1][1], rtol=1e-10)
+    assert values[0][2] == values[1][2]
+
+
+class _OnceDifferentiable(torch.autograd.Function):
+    """tanh with a backward that cannot be differentiated and no forward-mode rule."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return g * (1 - y * y)
+
+
+class _OpaqueTanh(nn.Module):
+    def forward(self, x):
+        return _OnceDifferentiable.apply(x)
+
+
+def test_a_model_no_route_can_differentiate_twice_gets_a_clear_error():
+    """A custom Function without forward-mode support, in a compiled model: rev-rev has no
+    double backward (aot_autograd), fwd-rev no jvp."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), _OpaqueTanh(), nn.Linear(4, 2)).double().eval()
+    data = (torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64))
+    v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    H = cl.HessianOperator(model, mse, data, method="fwd-rev")
+    with pytest.raises(ValueError, match=r"method='fwd-rev' does not run on this model.*setup_co"
+                                         r".*try method='rev-rev'"):
+        H @ v
+    torch._dynamo.reset()
+    H = cl.HessianOperator(torch.compile(model, backend="aot_eager"), mse, data)
+    with pytest.raises(ValueError, match=r"neither double backward nor forward-over-reverse runs"
+                                         r".*model\._orig_mod"):
+        H @ v
+
+
+def test_shuffling_dataloaders_are_refused_everywhere_they_would_not_be_one_matrix(tmp_path):
+    model, (x, y) = _mlp_problem()
+    shuffled = DataLoader(TensorDataset(x, y), batch_size=4, shuffle=True)
+    for build in (lambda: cl.HessianOperator(model, mse, shuffled),
+                  lambda: cl.GGNOperator(model, mse, shuffled),
+                  lambda: cl.sharpness(model, mse, shuffled)):
+        with pytest.raises(ValueError, match=r"DataLoader that shuffles.*shuffle=False"):
+            build()
+    with cl.RunLogger(tmp_path / "run.h5", {}) as log, \
+            pytest.raises(ValueError, match="Monitor: data is a DataLoader that shuffles"):
+        cl.Monitor(model, mse, shuffled, log, [cl.Loss(every=1)])
+    fixed = DataLoader(TensorDataset(x, y), batch_size=4, shuffle=False)
+    V = vectors(cl.HessianOperator(model, mse, (x, y)).shape[0], 1)
+    assert_rel_close(cl.HessianOperator(model, mse, fixed) @ V,
+                     cl.HessianOperator(model, mse, (x, y)) @ V)
+
+
+def test_a_dict_batch_dataloader_probe_is_sliced_for_the_ntk(tmp_path):
+    case = cl.testing.make_case("dict_input")
+    inputs, y = case.data
+    rows = [({"x": inputs["x"][i], "z": inputs["z"][i]}, y[i]) for i in range(len(y))]
+    probe = DataLoader(rows, batch_size=6, shuffle=False)  # yields [dict of (6, d), (6, 2)]
+    with cl.RunLogger(tmp_path / "run.h5", {}) as log:
+        mon = cl.Monitor(case.model, case.loss_fn, probe, log,
+                         [cl.NTKSpectrum(every=1, size=4), cl.Loss(every=1)])
+        mon.on_train_start()
+    run = cl.load_run(tmp_path / "run.h5")
+    K = cl.empirical_ntk(case.model, {k: v[:4] for k, v in inputs.items()}, outputs="trace")
+    expected = torch.linalg.eigvalsh(K).flip(0)[:4].numpy()
+    np.testing.assert_allclose(run["ntk_top"].value[0], expected, rtol=1e-10)
+    with torch.no_grad():
+        loss = float(case.loss_fn(case.model(**inputs), y))
+    assert run["loss"].value[0] == pytest.approx(loss, rel=1e-12)
+
+
+def _hold_logger(path, ready, release):
+    with cl.RunLogger(path, {}) as log:
+        log.log(0, loss=1.0)
+        ready.set()
+        release.wait(30)
+
+
+def test_a_second_writer_on_a_run_file_is_refused_in_this_and_another_process(tmp_path):
+    path = tmp_path / "run.h5"
+    with cl.RunLogger(path, {}) as log:
+        log.log(0, loss=1.0)
+        for mode in ("a", "w"):
+            with pytest.raises(ValueError, match=r"is open in another RunLogger.*another path"):
+                cl.RunLogger(path, {}, mode=mode)
+    with cl.RunLogger(path, {}, mode="a") as log:  # closed: the lock is free again
+        log.log(1, loss=0.5)
+    assert cl.load_run(path)["loss"].step.tolist() == [0, 1]
+    assert [p.name for p in tmp_path.iterdir()] == ["run.h5"]  # the lock file goes on close
+
+    other = tmp_path / "other.h5"
+    ctx = multiprocessing.get_context("fork")
+    ready, release = ctx.Event(), ctx.Event()
+    writer = ctx.Process(target=_hold_logger, args=(other, ready, release))
+    writer.start()
+    try:
+        assert ready.wait(30)
+        with pytest.raises(ValueError, match="is open in another RunLogger"):
+            cl.RunLogger(other, {}, mode="a")
+    finally:
+        release.set()
+        writer.join(30)
+    with cl.RunLogger(other, {}, mode="a") as log:
+        log.log(1, loss=0.5)
+
+
+# --------------------------------------------------------------------- Hugging Face Trainer
+
+
+def _hf_train(tmp_path, with_callback: bool):
+    import transformers
+
+    from curvlab.callbacks.hf import CurvlabTrainerCallback
+
+    real = gpt2(torch.float32)
+    model = real.model.train()
+    rows = [{"input_ids": x["input_ids"][i], "attention_mask": x["attention_mask"][i],
+             "labels": labels[i]} for x, labels in real.batches for i in range(len(labels))]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "hf"), max_steps=4, per_device_train_batch_size=2,
+        gradient_accumulation_steps=1, learning_rate=1e-3, lr_scheduler_type="constant",
+        report_to=[], save_strategy="no",
+        logging_strategy="no", use_cpu=True, seed=0, dataloader_num_workers=0,
+        disable_tqdm=True)
+    callbacks = []
+    log = None
+    if with_callback:
+        log = cl.RunLogger(tmp_path / "hf.h5", {"model": "gpt2"})
+        probe = real.batches[:2]  # fixed batches, given explicitly
+        mon = cl.Monitor(model, real.loss_fn, probe, log,
+                         [cl.Loss(every=1), cl.Sharpness(every=2, tol=1e-3, max_iters=20),
+                          cl.Sharpness(every=2, preconditioned="adam", tol=1e-3, max_iters=20),
+                          cl.FeatureSpeed(every=2)], weights=real.weights)
+        callbacks.append(CurvlabTrainerCallback(mon))
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=rows,
+                                   callbacks=callbacks)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train()
+    if log is not None:
+        log.close()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_hf_trainer_callback_logs_a_run_and_leaves_training_bit_identical(tmp_path):
+    with_cb = _hf_train(tmp_path, with_callback=True)
+    without = _hf_train(tmp_path, with_callback=False)
+    for name in with_cb:
+        assert torch.equal(with_cb[name], without[name]), name
+    run = cl.load_run(tmp_path / "hf.h5")
+    assert run["loss"].step.tolist() == [0, 1, 2, 3, 4]
+    assert run["sharpness"].step.tolist() == [0, 2, 4]
+    assert run["sharpness_adam"].step.tolist() == [2, 4]
+    assert run["feature_cos_theta"].labels[0] == "transformer.h.0:in"
+    assert np.isfinite(run["sharpness_adam"].value).all()
+
+
+def test_hf_callback_refuses_other_objects():
+    from curvlab.callbacks.hf import CurvlabTrainerCallback
+
+    with pytest.raises(TypeError, match=r"CurvlabTrainerCallback: expected a curvlab\.Monitor"):
+        CurvlabTrainerCallback("monitor")
