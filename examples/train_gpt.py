@@ -21,7 +21,7 @@ drawn by ``curvlab plot``.
 
 Commands (from the repository root)::
 
-    python examples/train_gpt.py             # 400 steps, a few minutes on 2 CPU cores
+    python examples/train_gpt.py             # 400 steps, under a minute on 2 CPU cores
     python examples/train_gpt.py --quick     # smoke test, seconds
     python examples/train_gpt.py --hf        # the same as GPT2LMHeadModel in transformers'
                                              # Trainer, with curvlab.callbacks.hf (the hf extra)

@@ -31,7 +31,7 @@ def _compiled_cases():
     real = gpt2()
     yield pytest.param(("gpt2-aot_eager", real.model,
                         torch.compile(real.model, backend="aot_eager"), real.loss_fn,
-                        real.batches, real.weights), marks=pytest.mark.slow)  # 40 s: test-slow
+                        real.batches, real.weights))
 
 
 @pytest.mark.parametrize("case", list(_compiled_cases()),
@@ -61,6 +61,24 @@ def test_compiled_models_take_a_route_that_works_and_equal_the_eager_values(case
     np.testing.assert_allclose(values[0][0], values[1][0], rtol=1e-7)
     np.testing.assert_allclose(values[0][1], values[1][1], rtol=1e-10)
     assert values[0][2] == values[1][2]
+
+
+def test_a_compiled_model_s_blocks_and_lr_scales_use_the_eager_names(tmp_path):
+    model, data = _mlp_problem()
+    compiled = torch.compile(model)
+    values = []
+    for name, net in (("compiled", compiled), ("eager", model)):
+        opt = torch.optim.SGD([{"params": [model[0].weight], "lr": 0.2},
+                               {"params": [p for n, p in model.named_parameters()
+                                           if n != "0.weight"]}], lr=0.1)
+        with cl.RunLogger(tmp_path / f"{name}.h5", {}) as log:
+            cl.Monitor(net, mse, data, log, [cl.Sharpness(every=1, preconditioned="lr",
+                                                          blocks=["0.*", "2.*"], tol=1e-8)],
+                       optimizer=opt).on_train_start()
+        run = cl.load_run(tmp_path / f"{name}.h5")
+        values.append((run["sharpness_lr"].value, run["sharpness_lr_blocks"].value))
+    np.testing.assert_allclose(values[0][0], values[1][0], rtol=1e-7)
+    np.testing.assert_allclose(values[0][1], values[1][1], rtol=1e-7)
 
 
 class _OnceDifferentiable(torch.autograd.Function):

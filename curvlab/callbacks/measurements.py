@@ -28,7 +28,7 @@ from curvlab.batches import (
 )
 from curvlab.callbacks.monitor import Context, Measurement, Record
 from curvlab.features import feature_change, feature_speed
-from curvlab.func import forward_context
+from curvlab.func import forward_context, unwrap_compiled
 from curvlab.kernel_metrics import kernel_alignment, kernel_distance
 from curvlab.linalg import hutchpp_trace, lanczos, spectral_density
 from curvlab.ntk import empirical_ntk
@@ -40,6 +40,7 @@ PRECONDITIONERS = (None, "lr", "adam")
 
 def resolve_blocks(model: nn.Module, blocks: Any, call: str) -> dict[str, list[str]]:
     """``label -> parameter names`` for ``blocks`` (see the module docstring)."""
+    model = unwrap_compiled(model)  # names as the operators give them (no "_orig_mod.")
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     if blocks == "layers":
         found = {}
@@ -69,7 +70,7 @@ def _scales(kind: str | None, optimizer: Any, model: nn.Module, call: str) -> An
         return None
     if optimizer is None:
         raise ValueError(f"{call}: preconditioned={kind!r} needs the Monitor's optimizer")
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    params = {n: p for n, p in unwrap_compiled(model).named_parameters() if p.requires_grad}
     return (lr_scales if kind == "lr" else adam_scales)(optimizer, params)
 
 
@@ -142,8 +143,9 @@ class _HessianMeasurement(Measurement):
         scales = _scales(self.kind, ctx.optimizer, ctx.model, type(self).__name__)
         if scales is not None:
             if params is not None:
-                names = [n for n, p in ctx.model.named_parameters() if p.requires_grad]
-                sizes = [p.numel() for n, p in ctx.model.named_parameters() if p.requires_grad]
+                named = unwrap_compiled(ctx.model).named_parameters()
+                names, sizes = zip(*[(n, p.numel()) for n, p in named if p.requires_grad],
+                                   strict=True)
                 parts = dict(zip(names, scales.split(sizes), strict=True))
                 scales = torch.cat([parts[n] for n in H.param_names])
             H = preconditioned(H, scales)
