@@ -185,7 +185,7 @@ class _CurvatureOperator(OperatorBase):
         self._name = name
         if self.reuse_graph:  # build (and validate) the kept graphs now
             for i, batch in enumerate(self._batches):
-                if self._shards is None or self._weight(batch, i) > 0:
+                if self._weight(batch, i) > 0:  # weight 0: an empty shard, or only padding
                     self._product(i, batch)
         if not self._cache and next(iter(self._batches), None) is None and self._shards is None:
             raise ValueError(f"{name}: data holds no batches; pass at least one (inputs, targets)")
@@ -270,7 +270,6 @@ class _CurvatureOperator(OperatorBase):
             other = "rev-rev" if self.method == "fwd-rev" else "fwd-rev"
             raise ValueError(f"{self._name}: method={self.method!r} does not run on this model "
                              f"({reason}); try method={other!r} or 'auto'") from err
-
 
     def __matmul__(self, v: Tensor) -> Tensor:
         call = f"{self._name} @ v"
