@@ -21,6 +21,7 @@ bench: install
 	$(PYTHON) benchmarks/hvp.py
 	$(PYTHON) benchmarks/features.py
 	$(PYTHON) benchmarks/monitor.py
+	$(PYTHON) benchmarks/real_models.py
 	$(PYTHON) -m curvlab.cli bench hvp
 	$(PYTHON) -m curvlab.cli bench eigs
 	$(PYTHON) benchmarks/distributed.py

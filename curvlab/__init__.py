@@ -1,6 +1,7 @@
 """curvlab: curvature and feature-learning diagnostics for PyTorch.
 
-See ``../shared/DESIGN.md`` for the public API and ``../shared/MATH.md`` for the definitions.
+The README gives the tour of the public API; each module's docstring states its definitions and
+sources, and ``curvlab.batches`` the convention for batches and model outputs.
 """
 
 from curvlab import batches, callbacks, distributed, func, layers, linalg, models, testing
