@@ -166,7 +166,7 @@ def sweep_report(runs: Sequence[Run], window: int = 5) -> str:
         lines += ["", f"Smoothed gap ratio NTP / muP: {b / a:.1f}x "
                   f"({'muP is super consistent, NTP is not' if b >= 3 * a else 'no clear split'})."]
     lines += ["", "Sharpness against the edge of stability (final smoothed value / threshold):",
-              "", "| parametrization | width | seed | lr | threshold 2/eta | final / threshold |",
+              "", "| parametrization | width | seed | lr | EoS threshold | final / threshold |",
               "|---|---:|---:|---:|---:|---:|"]
     for run in sorted(runs, key=lambda r: (str(r.config.get("parametrization")),
                                            r.config.get("width", 0), r.config.get("seed", 0))):

@@ -23,7 +23,7 @@ import copy
 import dataclasses
 import functools
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -55,11 +55,12 @@ class FeatureSpeedResult:
     predicted_update_norm: np.ndarray  # dL_l / (||b_l|| cos theta_l)
     method: str
     cut: np.ndarray | None = None  # bool (num_layers,): whether f_l is a cut of the graph
+    direction: str = "gd"  # "gd" (-eta_k dL/dw_k), or the optimizer whose update was taken
 
     def as_dict(self) -> dict[str, np.ndarray]:
         """The per-layer arrays by name (for logging)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name not in ("layers", "method", "cut")}
+                if f.name not in ("layers", "method", "cut", "direction")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,10 +167,13 @@ def feature_speed(
             the final norm. A module that runs more than once per forward is refused.
         lrs: per-parameter rates ``eta_k``: one float, or a dict from parameter or module names to
             rates (the longest matching name wins; every trained parameter needs one).
-        optimizer: take ``eta_k`` from the param groups' ``lr`` (muP multipliers included);
-            parameters outside the optimizer do not move (``eta_k = 0``). The direction is the
-            plain GD step ``-eta_k dL/dw_k`` whatever the optimizer. Neither ``lrs`` nor
-            ``optimizer``: ``eta_k = 1`` (angles do not depend on a common scale).
+        optimizer: measure along the update ``dw`` this optimizer would take from the batch's
+            gradient: its own ``step()`` (momentum, Adam's moments and bias corrections, weight
+            decay, per-group LRs) on float64 copies of the parameters and of its state, so the
+            caller's model and optimizer are untouched (gradient clipping and LR schedulers
+            belong to the loop and are not applied). Parameters outside it do not move. The
+            loss decay is then ``dL_l = -sum_{k<=l} <dL/dw_k, dw_k>``. Neither ``lrs`` nor
+            ``optimizer``: the GD step with ``eta_k = 1`` (angles do not depend on a scale).
         method: ``"jvp"`` (exact first order, one forward-mode pass) or ``"finite-difference"``
             (the actual change ``f_l(w + dw) - f_l(w)``, which differs by ``O(eta^2)``).
         seed: seed of the fixed RNG state for train-mode Dropout.
@@ -180,7 +184,8 @@ def feature_speed(
         which layers are cuts of the graph, where the formula is exact; on the others (a branch
         inside a block; the residual stream of a model with tied input and output embeddings,
         whose embedding also reaches the loss through the head) the angle is still exact but
-        ``predicted_update_norm`` is not ``feature_update_norm``.
+        ``predicted_update_norm`` is not ``feature_update_norm``. ``direction`` says which
+        update was measured: ``"gd"`` or the optimizer's class name.
 
     Cost: one forward and backward with the features kept, plus one forward-mode pass (JVP) or one
     forward (finite difference), about two training steps.
@@ -238,14 +243,19 @@ def feature_speed(
             raise ValueError(f"{call}: layer {name!r} does not influence the loss; choose layers "
                              "on the path from the inputs to the loss")
     ids = {id(p): n for n, p in trained.items()}
-    step_size = {n: rates[n] * float(_norm(g[n]) ** 2) for n in trained}  # eta_k ||g_k||^2
+    theta = {n: p.detach() for n, p in trained.items()}
+    if optimizer is not None:  # the optimizer's own update, taken on float64 copies
+        dw = {n: d.to(theta[n].dtype) for n, d in
+              _optimizer_update(model, optimizer, trained, g, call).items()}
+    else:  # the GD step -eta_k g_k
+        dw = {n: -rates[n] * g[n].detach() for n in trained}
+    step_size = {n: -float(torch.sum(g[n].double() * dw[n].double()))
+                 for n in trained}  # -<g_k, dw_k>, eta_k ||g_k||^2 for GD
     loss_decay = [sum(step_size[ids[i]] for i in _layers.upstream_params(f.grad_fn) if i in ids)
                   for f in feats]
     cut = np.array([_layers.is_cut(loss, f) for f in feats], dtype=bool)
 
-    # Pass 2: the feature update along dw = -eta * g.
-    theta = {n: p.detach() for n, p in trained.items()}
-    dw = {n: -rates[n] * g[n].detach() for n in trained}
+    # Pass 2: the feature update along dw.
     frozen = {**dict(model.named_buffers()),
               **{n: p.detach() for n, p in model.named_parameters() if n not in trained}}
 
@@ -270,7 +280,53 @@ def feature_speed(
     with np.errstate(invalid="ignore", divide="ignore"):
         cos = -dot / (b_norm * d_norm)
         predicted = decay / (b_norm * cos)
-    return FeatureSpeedResult(tuple(names), cos, d_norm, b_norm, decay, predicted, method, cut)
+    direction = "gd" if optimizer is None else type(optimizer).__name__
+    return FeatureSpeedResult(tuple(names), cos, d_norm, b_norm, decay, predicted, method, cut,
+                              direction)
+
+
+def _optimizer_update(model: nn.Module, optimizer: torch.optim.Optimizer,
+                      trained: Mapping[str, Tensor], grads: Mapping[str, Tensor], call: str
+                      ) -> dict[str, Tensor]:
+    """``dw``: the change one ``optimizer.step()`` would make from the gradients ``grads``.
+
+    The step runs on float64 clones of the parameters, in a new optimizer of the same class and
+    param groups with the state loaded from ``optimizer.state_dict()`` (which casts it to the
+    clones' dtype), so that a small update of large float32 weights keeps its digits. An
+    optimizer that cannot be rebuilt from its groups steps on deep copies instead.
+    """
+    owned = {id(p) for p in model.parameters()}
+    if any(id(p) not in owned for group in optimizer.param_groups for p in group["params"]):
+        raise ValueError(f"{call}: the optimizer updates tensors that are not parameters of the "
+                         "model; pass the optimizer that trains this model")
+    names = {id(p): n for n, p in model.named_parameters()}
+    clones: dict[str, Tensor] = {}
+    groups = []
+    for group in optimizer.param_groups:
+        members = []
+        for p in group["params"]:
+            name = names[id(p)]
+            clones[name] = p.detach().to(torch.float64).clone().requires_grad_(True)
+            members.append(clones[name])
+        groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": members})
+    try:
+        copy_opt = cast(Any, type(optimizer))(groups)
+        # A deep copy: loading keeps tensors that already have the clones' dtype (no cast).
+        copy_opt.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    except (TypeError, ValueError, KeyError):  # a custom optimizer: step on deep copies
+        work, work_opt = _copy_training(model, optimizer, call)
+        params = dict(work.named_parameters())
+        before = {n: params[n].detach().clone() for n in trained}
+        for n, p in params.items():
+            p.grad = grads[n].detach().clone() if n in trained else None
+        work_opt.step()
+        return {n: (params[n].detach() - before[n]).double() for n in trained}
+    before = {n: t.detach().clone() for n, t in clones.items()}
+    for n, t in clones.items():
+        t.grad = grads[n].detach().to(torch.float64) if n in trained else None
+    copy_opt.step()
+    return {n: clones[n].detach() - before[n] if n in clones else torch.zeros_like(
+        trained[n], dtype=torch.float64) for n in trained}
 
 
 def _copy_training(model: nn.Module, optimizer: torch.optim.Optimizer, call: str

@@ -2,8 +2,9 @@
 
 A gradient step with per-parameter rates ``eta_p = eta * d_p`` is stable on the local quadratic
 while ``lambda_max(D^{1/2} H D^{1/2}) < 2 / eta`` (Cohen et al. 2021, arXiv:2103.00065); for Adam,
-``D = diag(1 / (sqrt(v_hat) + eps))`` and the threshold is ``(2 + 2 beta1) / ((1 - beta1) eta)``,
-38 / eta at beta1 = 0.9 (Cohen et al. 2022, arXiv:2207.14484). See MATH.md section 2.
+``D = P_t^{-1}`` with ``P_t = (1 - beta1^(t+1)) diag(sqrt(v_t / (1 - beta2^(t+1))) + eps)`` and the
+threshold is ``(2 + 2 beta1) / ((1 - beta1) eta)``, 38 / eta at beta1 = 0.9 (Cohen et al. 2022,
+arXiv:2207.14484; :func:`adam_scales`). See MATH.md section 2.
 
 Example:
     >>> import torch, curvlab as cl
@@ -117,13 +118,33 @@ def adam_scales(
     *,
     base_lr: float | None = None,
 ) -> Tensor:
-    """Adam's preconditioner ``d = lr_scale / (sqrt(v / (1 - beta2^t)) + eps)``, ``(P,)``.
+    """The inverse of Adam's preconditioner for its next step, times the LR scales, ``(P,)``.
 
-    Read from the optimizer state (``exp_avg_sq``, or ``max_exp_avg_sq`` with amsgrad, and
-    ``step``) of ``torch.optim.Adam``/``AdamW``; ``preconditioned(H, d)`` then has the eigenvalues
-    of the Adam-preconditioned Hessian, to compare with ``38 / lr`` at beta1 = 0.9.
+    After ``t`` steps (the optimizer state's ``step``), Adam's next update is
+    ``-eta m_hat / (sqrt(v_hat) + eps)`` with ``m_hat = m_{t+1} / (1 - beta1^(t+1))``. Writing it as
+    ``-eta P_t^{-1} m_{t+1}``, Cohen et al. 2022 ("Adaptive Gradient Methods at the Edge of
+    Stability", arXiv:2207.14484, section 2) define the preconditioner with both bias
+    corrections of that step, the second moment taken from the state:
+
+        ``P_t = (1 - beta1^(t+1)) diag(sqrt(v_t / (1 - beta2^(t+1))) + eps)``.
+
+    This returns ``d = lr_scale / diag(P_t)``, so ``preconditioned(H, d)`` has the eigenvalues
+    of ``P_t^{-1} H`` (in units of the base LR), to compare with ``(2 + 2 beta1) / ((1 - beta1)
+    eta)``, 38 / eta at beta1 = 0.9 (:func:`curvlab.callbacks.eos_threshold`). The first-moment
+    factor matters early: at ``t = 5`` with beta1 = 0.9 it is ``1 / (1 - 0.9^6) = 2.13``.
+
+    Read from the state (``exp_avg_sq``, or ``max_exp_avg_sq`` with amsgrad, and ``step``) of
+    ``torch.optim.Adam`` and ``AdamW``. AdamW's decoupled weight decay is not part of ``P``; it
+    shifts the threshold (see ``eos_threshold``). Adam's coupled ``weight_decay`` adds
+    ``w theta`` to the gradient, i.e. ``w I`` to the Hessian of the objective Adam descends: put
+    the decay into ``loss_fn`` to measure that objective. Other adaptive optimizers (NAdam,
+    RAdam, Adamax) precondition differently and are refused.
     """
     call = "adam_scales"
+    if not isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
+        raise TypeError(f"{call}: expected torch.optim.Adam or AdamW, got "
+                        f"{type(optimizer).__name__}; other optimizers precondition differently "
+                        "(use lr_scales for SGD-like ones)")
     named = _named(params, call)
     scales = torch.split(lr_scales(optimizer, dict(named), base_lr=base_lr),
                          [p.numel() for _, p in named])
@@ -131,15 +152,13 @@ def adam_scales(
     pieces = []
     for (name, p), scale in zip(named, scales, strict=True):
         group = groups[id(p)]
-        if "betas" not in group or "eps" not in group:
-            raise TypeError(f"{call}: the optimizer {type(optimizer).__name__} has no Adam "
-                            "betas/eps; use lr_scales for SGD-like optimizers")
+        beta1, beta2 = group["betas"]
         state = optimizer.state.get(p, {})
         key = "max_exp_avg_sq" if group.get("amsgrad") else "exp_avg_sq"
         if key not in state or "step" not in state:
             raise ValueError(f"{call}: parameter {name!r} has no Adam state yet; call "
                              "optimizer.step() at least once before reading the preconditioner")
-        t = float(state["step"])
-        v_hat = state[key].detach().reshape(-1) / (1 - group["betas"][1] ** t)  # (numel,)
-        pieces.append(scale / (v_hat.sqrt() + group["eps"]))
+        t = float(state["step"]) + 1  # the step about to be taken
+        v_hat = state[key].detach().reshape(-1) / (1 - beta2 ** t)  # (numel,)
+        pieces.append(scale / ((1 - beta1 ** t) * (v_hat.sqrt() + group["eps"])))
     return torch.cat(pieces)  # (P,)

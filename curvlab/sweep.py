@@ -13,7 +13,10 @@ top eigenvalues of the empirical NTK on 64 probe examples and the feature speed 
 width) and ``lr_fraction = 0.5``, used unchanged at every width. Starting at half the stability
 threshold leaves room for progressive sharpening, so the runs show it rise toward ``2 / eta``
 (Cohen et al. 2021, arXiv:2103.00065) instead of sitting at the edge from step one, where every
-width looks alike for the wrong reason.
+width looks alike for the wrong reason. With ``optimizer="adam"``, ``lambda_0`` is the
+Adam-preconditioned sharpness at initialization (the preconditioner of the first gradient, read
+after a step at LR 0) and ``eta = lr_fraction * 38 / lambda_0`` at beta1 = 0.9, the Adam
+threshold solved for ``eta`` (Cohen et al. 2022, arXiv:2207.14484; :func:`auto_lr`).
 
 Datasets (all generated or shipped, nothing downloaded): ``"teacher"`` (Gaussian inputs, a random
 tanh teacher network's outputs), ``"mixture"`` (a Gaussian mixture, one-hot targets), ``"digits"``
@@ -45,7 +48,7 @@ from torch import Tensor
 from curvlab.callbacks import FeatureSpeed, Loss, Monitor, NTKSpectrum, Sharpness
 from curvlab.hdf5 import RunLogger
 from curvlab.models import MLP, NTP, SP, ConvNet, MuP, Parametrization, ResNet, Transformer
-from curvlab.preconditioning import lr_scales
+from curvlab.preconditioning import adam_scales, lr_scales
 from curvlab.runs import load_run
 from curvlab.sharpness import sharpness
 from curvlab.testing import mse
@@ -214,12 +217,31 @@ def load_data(cfg: SweepConfig) -> tuple[Tensor, Tensor]:
 
 
 def auto_lr(cfg: SweepConfig, par: str, depth: int, x: Tensor, y: Tensor) -> float:
-    """``LR_FRACTION * 2 / lambda_0`` at the base width (see the module docstring)."""
+    """``lr_fraction * T(lambda_0)`` at the base width (see the module docstring).
+
+    SGD: ``lambda_0`` is the LR-preconditioned sharpness at initialization and ``eta = fraction *
+    2 / lambda_0``. Adam: ``lambda_0`` is the Adam-preconditioned sharpness at initialization,
+    with the preconditioner of the second step read after a first step at LR 0 (the state holds
+    the first gradient's moments, the parameters stay at init), and ``eta = fraction * (2 + 2
+    beta1) / ((1 - beta1) lambda_0)``, the Adam threshold ``38 / eta`` solved for ``eta``.
+    """
     model = build_model(cfg, par, cfg.base, depth, x.shape[1], y.shape[1], cfg.seeds[0])
     opt = parametrization(par, cfg.base, cfg.sigma).optimizer(model, cfg.optimizer, 1.0)
-    d = lr_scales(opt, dict(model.named_parameters()), base_lr=1.0)
+    params = dict(model.named_parameters())
+    if cfg.optimizer == "sgd":
+        d, bound = lr_scales(opt, params, base_lr=1.0), 2.0
+    else:
+        mse(model(x), y).backward()
+        multipliers = [g["lr"] for g in opt.param_groups]
+        for g in opt.param_groups:
+            g["lr"] = 0.0  # a first step that fills Adam's state and moves nothing
+        opt.step()
+        for g, lr in zip(opt.param_groups, multipliers, strict=True):
+            g["lr"] = lr
+        beta1 = float(opt.param_groups[0]["betas"][0])
+        d, bound = adam_scales(opt, params, base_lr=1.0), (2 + 2 * beta1) / (1 - beta1)
     lam = sharpness(model, mse, (x, y), scales=d, generator=torch.Generator().manual_seed(0))
-    return cfg.lr_fraction * 2.0 / lam
+    return cfg.lr_fraction * bound / lam
 
 
 def run_name(par: str, width: int, depth: int, lr: float, seed: int) -> str:

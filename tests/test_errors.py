@@ -127,8 +127,10 @@ def test_scales_reject_foreign_or_unstepped_parameters(c) -> None:
     with pytest.raises(ValueError, match=r"'0.weight' has no Adam state yet.*optimizer.step\(\)"):
         cl.adam_scales(opt, dict(c.model[0].named_parameters(prefix="0")))
     sgd = torch.optim.SGD(c.model.parameters(), lr=0.1)
-    with pytest.raises(TypeError, match="no Adam betas"):
+    with pytest.raises(TypeError, match=r"expected torch\.optim\.Adam or AdamW, got SGD"):
         cl.adam_scales(sgd, c.model)
+    with pytest.raises(TypeError, match=r"expected torch\.optim\.Adam or AdamW, got NAdam"):
+        cl.adam_scales(torch.optim.NAdam(c.model.parameters()), c.model)
     with pytest.raises(ValueError, match="base_lr must be positive"):
         cl.lr_scales(sgd, c.model, base_lr=0.0)
     with pytest.raises(TypeError, match="params must be a dict"):

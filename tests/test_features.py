@@ -356,3 +356,42 @@ def test_tuple_output_layer_gives_its_first_tensor_and_a_dict_output_is_refused(
     assert r.layers == ("mha",) and np.isfinite(r.cos_theta[0]) and r.feature_update_norm[0] > 0
     with pytest.raises(TypeError, match="layer 'pair' returns dict, not a tensor"):
         cl.feature_speed(model, mse, data, layers=["pair"])
+
+
+@pytest.mark.parametrize("make_opt", [
+    lambda ps: torch.optim.Adam(ps, lr=1e-2, betas=(0.9, 0.99)),
+    lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1),
+    lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3)],
+    ids=["adam", "adamw", "sgd-nesterov"])
+def test_feature_speed_follows_the_optimizers_own_update(make_opt):
+    """With an optimizer, df_l is the change the optimizer's real step makes (its moments, bias
+    corrections, decay), not the GD step; the formula stays exact on cuts."""
+    torch.manual_seed(0)
+    model = MLP(d_in=5, width=16, d_out=3).double().eval()
+    x, y = _rand(24, 5), _rand(24, 3)
+    opt = make_opt(model.parameters())
+    for _ in range(3):  # non-trivial optimizer state
+        opt.zero_grad()
+        mse(model(x), y).backward()
+        opt.step()
+    before_state = copy.deepcopy(opt.state_dict())
+    r = cl.feature_speed(model, mse, (x, y), optimizer=opt, method="finite-difference")
+    exact = cl.feature_speed(model, mse, (x, y), optimizer=opt)
+    assert r.direction == type(opt).__name__ and exact.direction == r.direction
+    np.testing.assert_allclose(exact.predicted_update_norm, exact.feature_update_norm, rtol=1e-10)
+    # The reference: one real step of a copy, from the same gradient, features before and after.
+    work, work_opt = copy.deepcopy((model, opt))
+    with L.recording(work, list(r.layers)) as rec:
+        work(x)
+    before = [f.detach() for f in rec.features(list(r.layers), "test")]
+    work_opt.zero_grad()
+    mse(work(x), y).backward()
+    work_opt.step()
+    with L.recording(work, list(r.layers)) as rec:
+        work(x)
+    change = [float(torch.linalg.vector_norm(a.detach() - b))
+              for a, b in zip(rec.features(list(r.layers), "test"), before, strict=True)]
+    np.testing.assert_allclose(r.feature_update_norm, change, rtol=1e-10)
+    gd = cl.feature_speed(model, mse, (x, y), lrs=0.05, method="finite-difference")
+    assert np.abs(gd.feature_update_norm / np.asarray(change) - 1).max() > 0.05  # not GD's step
+    torch.testing.assert_close(opt.state_dict(), before_state, rtol=0, atol=0)  # untouched

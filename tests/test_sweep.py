@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 import curvlab as cl
 from curvlab.cli import main
@@ -135,3 +136,26 @@ def test_convnet_needs_square_inputs(tmp_path):
     with pytest.raises(ValueError, match="model 'convnet' needs square images; inputs have 6"):
         run_sweep(SweepConfig(model="convnet", dataset=str(tmp_path / "d.npz"), widths=(8,),
                               seeds=(0,), steps=1), tmp_path / "o", progress=False)
+
+
+def test_auto_lr_with_adam_uses_the_adam_preconditioned_sharpness_and_38_over_eta():
+    """By hand: after a first step at LR 0, Adam's next-step preconditioner is
+    P = (1 - beta1^2) (sqrt(g^2 (1 - beta2) / (1 - beta2^2)) + eps), from the first gradient g."""
+    from curvlab.sweep import auto_lr, build_model, load_data, parametrization
+
+    cfg = SweepConfig(widths=(16, 32), optimizer="adam", n=64, steps=2, dtype="float64")
+    x, y = load_data(cfg)
+    lr = auto_lr(cfg, "mup", cfg.depths[0], x, y)
+    model = build_model(cfg, "mup", cfg.base, cfg.depths[0], x.shape[1], y.shape[1],
+                        cfg.seeds[0])
+    opt = parametrization("mup", cfg.base, cfg.sigma).optimizer(model, "adam", 1.0)
+    params = [p for p in model.parameters()]
+    grads = torch.autograd.grad(cl.testing.mse(model(x), y), params)
+    group_lr = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    b1, b2, eps = 0.9, 0.999, 1e-8
+    d = torch.cat([(group_lr[id(p)] / ((1 - b1 ** 2) * ((g ** 2 * (1 - b2) / (1 - b2 ** 2)).sqrt()
+                                                        + eps))).reshape(-1)
+                   for p, g in zip(params, grads, strict=True)])
+    H = cl.testing.dense_hessian(model, cl.testing.mse, (x, y))
+    lam = torch.linalg.eigvalsh(d.sqrt()[:, None] * H * d.sqrt()[None, :])[-1]
+    assert lr == pytest.approx(cfg.lr_fraction * 38 / float(lam), rel=1e-3)

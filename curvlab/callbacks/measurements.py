@@ -75,22 +75,71 @@ def _scales(kind: str | None, optimizer: Any, model: nn.Module, call: str) -> An
 
 
 def eos_threshold(kind: str | None, optimizer: Any) -> float | None:
-    """The edge-of-stability line: ``2 / lr`` (GD; raw only when all groups share one LR),
-    ``(2 + 2 beta1) / ((1 - beta1) lr)`` for Adam (38 / lr at beta1 = 0.9), Cohen et al. 2021
-    (arXiv:2103.00065) and 2022 (arXiv:2207.14484); ``lr`` is the base LR for preconditioned
-    sharpness, the common group LR for raw sharpness."""
+    """The edge-of-stability line for the sharpness that ``kind`` preconditions, or ``None``.
+
+    Each is the curvature at which the optimizer's linearized step on a quadratic (curvature
+    ``lam`` along the top eigenvector, the preconditioner frozen) gets an eigenvalue ``-1``;
+    ``eta`` is the base LR for preconditioned sharpness (``kind="lr"`` or ``"adam"``, whose
+    ``D`` carries the per-group LR over the base LR) and the common group LR for raw sharpness:
+
+    - SGD: ``2 / eta`` (Cohen et al. 2021, arXiv:2103.00065);
+    - SGD with heavy-ball momentum ``beta`` and dampening ``d``, PyTorch's form
+      ``b = beta b + (1 - d) g``, ``theta -= eta b``: ``(2 + 2 beta) / ((1 - d) eta)`` (Cohen et
+      al. 2021, appendix; 3.8 / eta at beta = 0.9, 38 at eta = 0.1);
+    - Nesterov (PyTorch's ``theta -= eta (g + beta b)``): ``(2 + 2 beta) / ((1 + 2 beta) eta)``
+      (derived: the characteristic polynomial ``z^2 - (1 + beta)(1 - a) z + beta (1 - a)`` with
+      ``a = eta lam``, at ``z = -1``; 1.36 / eta at beta = 0.9);
+    - Adam: ``(2 + 2 beta1) / ((1 - beta1) eta)``, 38 / eta at beta1 = 0.9 (Cohen et al. 2022,
+      arXiv:2207.14484, with ``P`` of :func:`~curvlab.adam_scales`);
+    - AdamW with decoupled decay ``w``: ``(1 + beta1) (2 - eta w) / ((1 - beta1) eta)`` (derived
+      the same way: ``theta -= eta w theta`` each step shrinks the threshold by ``(1+beta1) w /
+      (1-beta1)``, 0.01% at eta w = 3e-4).
+
+    ``None`` when there is no single line: groups with different momenta or betas, a raw
+    sharpness under several LRs, or an LR of 0 (no step is taken). AdamW groups with different
+    decays (none for biases and norms, as Hugging Face sets them) get the line of the largest
+    decay, the lowest, within ``eta w_max / 2`` (relative) of the others.
+    """
     if optimizer is None:
         return None
+    groups = optimizer.param_groups
     if kind is None:
-        lrs = {float(g["lr"]) for g in optimizer.param_groups}
-        return 2.0 / lrs.pop() if len(lrs) == 1 and 0 not in lrs else None
-    base = float(optimizer.defaults["lr"])
-    if base <= 0:  # no step is taken at LR 0: there is no stability threshold
+        lrs = {float(g["lr"]) for g in groups}
+        if len(lrs) != 1:
+            return None
+        eta = lrs.pop()
+    else:
+        eta = float(optimizer.defaults["lr"])
+    if not eta > 0:
         return None
-    if kind == "lr":
-        return 2.0 / base
-    beta1 = float(optimizer.param_groups[0]["betas"][0])
-    return (2 + 2 * beta1) / ((1 - beta1) * base)
+    if isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
+        betas = {float(g["betas"][0]) for g in groups}
+        if len(betas) != 1:
+            return None
+        beta1 = betas.pop()
+        # Groups may differ in decay (none for biases and norms, as Hugging Face sets it): the
+        # line of the largest decay, the lowest, within eta * w_max / 2 of the others.
+        w = max(float(g["weight_decay"]) for g in groups) \
+            if isinstance(optimizer, torch.optim.AdamW) else 0.0
+        return (1 + beta1) * (2 - eta * w) / ((1 - beta1) * eta)
+    if isinstance(optimizer, torch.optim.SGD):
+        forms = {(float(g["momentum"]), float(g["dampening"]), bool(g["nesterov"]))
+                 for g in groups}
+        if len(forms) != 1:
+            return None
+        beta, dampening, nesterov = forms.pop()
+        if nesterov:
+            return (2 + 2 * beta) / ((1 + 2 * beta) * eta)
+        return (2 + 2 * beta) / ((1 - dampening) * eta) if beta else 2.0 / eta
+    return 2.0 / eta  # plain gradient steps
+
+
+def _check_preconditioner(kind: str | None, optimizer: Any, call: str) -> None:
+    """Refuse ``preconditioned="adam"`` with an optimizer that is not Adam or AdamW."""
+    if kind == "adam" and not isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
+        raise ValueError(f"{call}: preconditioned='adam' needs torch.optim.Adam or AdamW as the "
+                         f"Monitor's optimizer, got {type(optimizer).__name__}; use "
+                         "preconditioned='lr' for SGD-like optimizers")
 
 
 class Loss(Measurement):
@@ -134,6 +183,7 @@ class _HessianMeasurement(Measurement):
         if self.kind is not None and ctx.optimizer is None:
             raise ValueError(f"{type(self).__name__}: preconditioned={self.kind!r} needs the "
                              "Monitor's optimizer")
+        _check_preconditioner(self.kind, ctx.optimizer, type(self).__name__)
         if self.blocks is not None:
             self._blocks = resolve_blocks(ctx.model, self.blocks, type(self).__name__)
 
