@@ -78,6 +78,8 @@ def test_no_single_threshold_gives_none():
     mixed = torch.optim.SGD([{"params": [a], "momentum": 0.9}, {"params": [b]}], lr=0.1)
     assert eos_threshold("lr", mixed) is None
     assert eos_threshold(None, torch.optim.SGD([a], lr=0.0)) is None
+    assert eos_threshold(None, torch.optim.Adam([a], lr=1e-3)) is None  # raw sharpness: no line
+    assert eos_threshold("lr", torch.optim.AdamW([a], lr=1e-3)) is None
 
 
 def test_adam_preconditioning_with_another_optimizer_is_refused(tmp_path):

@@ -96,7 +96,8 @@ def eos_threshold(kind: str | None, optimizer: Any) -> float | None:
       (1-beta1)``, 0.01% at eta w = 3e-4).
 
     ``None`` when there is no single line: groups with different momenta or betas, a raw
-    sharpness under several LRs, or an LR of 0 (no step is taken). AdamW groups with different
+    sharpness under several LRs, an LR of 0 (no step is taken), or a sharpness that Adam's
+    preconditioner does not enter (``kind`` None or ``"lr"`` with Adam). AdamW groups with different
     decays (none for biases and norms, as Hugging Face sets them) get the line of the largest
     decay, the lowest, within ``eta w_max / 2`` (relative) of the others.
     """
@@ -113,6 +114,8 @@ def eos_threshold(kind: str | None, optimizer: Any) -> float | None:
     if not eta > 0:
         return None
     if isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
+        if kind != "adam":  # Adam's line is for the Adam-preconditioned sharpness only
+            return None
         betas = {float(g["betas"][0]) for g in groups}
         if len(betas) != 1:
             return None
