@@ -49,10 +49,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
+from curvlab.writer_lock import WriterLock
 
 SCHEMA_VERSION = 1
 SWEEP_KEYS = ("width", "depth", "parametrization", "lr", "seed", "model", "optimizer")
@@ -166,10 +163,10 @@ class RunLogger:
 
         self.writes = not rank_zero_only or is_writer()
         self._names: set[str] = set()  # metrics declared (what a rank that does not write knows)
-        self._lock: int | None = None
+        self._lock: WriterLock | None = None
         if not self.writes:
             return
-        self._acquire_lock(call)
+        self._lock = WriterLock(self.path, call)  # one writer per file (curvlab.writer_lock)
         try:
             self._start(mode, env, allow_config_change, call)
         except BaseException:
@@ -189,47 +186,9 @@ class RunLogger:
         self._open()
 
     # --------------------------------------------------------------- file life cycle
-    @property
-    def lock_path(self) -> Path:
-        """The lock file beside the run file (``.<name>.lock``) while a writer has it open."""
-        return self.path.with_name(f".{self.path.name}.lock")
-
-    def _acquire_lock(self, call: str) -> None:
-        """Hold an exclusive OS lock (``flock``) on :attr:`lock_path` until :meth:`close`.
-
-        The lock is on a file of its own because the run file itself is replaced (``os.replace``)
-        when metrics are added. :meth:`close` deletes the lock file; a writer that locked a file
-        deleted meanwhile (its inode no longer at the path) retries on the new one, so two
-        writers never both hold a lock. A second RunLogger on the same path, in this process or
-        another, is refused while the first is open; the OS drops the lock when its holder dies,
-        so a killed run (which leaves the lock file behind) never blocks its resume.
-        """
-        if fcntl is None:  # no flock (Windows): a second writer is not detected
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        while True:
-            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                raise ValueError(f"{call}: {self.path} is open in another RunLogger (it holds "
-                                 f"the lock {self.lock_path.name}); two writers would corrupt "
-                                 "the run. Close the other logger (or wait for its process to "
-                                 "end), or log to another path") from None
-            try:
-                same = os.stat(self.lock_path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                self._lock = fd
-                return
-            os.close(fd)  # the holder closed and deleted it under us: lock the new one
-
     def _release_lock(self) -> None:
         if self._lock is not None:
-            self.lock_path.unlink(missing_ok=True)  # while still held: see _acquire_lock
-            os.close(self._lock)  # closing the descriptor releases the flock
+            self._lock.release()
             self._lock = None
 
     def _create(self, env: Mapping[str, Any] | None, replace: bool) -> None:
