@@ -219,18 +219,15 @@ def feature_speed(
                                 device=device)
 
     # Pass 1: features, backward pass b_l and the gradient, from one forward and backward.
-    blocks = _layers.find_blocks(model) if chosen is None else None
-    watch = chosen if chosen is not None else _layers.candidates(model) if blocks is None \
-        else _layers.transformer_candidates(model, blocks)
+    watch, pick = (chosen, None) if chosen is not None else _layers.defaults(model)
     with context(), _layers.recording(model, watch) as rec:
         loss = loss_fn(pick_output(call_model(model, inputs), output, call), targets)
     _check_loss(loss, call)
-    if chosen is None:
-        picked = _layers.select_default(loss, rec) if blocks is None \
-            else _layers.select_transformer(rec, blocks)
+    if pick is not None:
+        picked = pick(loss, rec)
         names, feats = [n for n, _ in picked], [f for _, f in picked]
     else:
-        names, feats = chosen, rec.features(chosen, call)
+        names, feats = list(watch), rec.features(watch, call)
     for name, f in zip(names, feats, strict=True):
         if f.grad_fn is None:
             raise ValueError(f"{call}: layer {name!r} does not depend on any trained parameter")
@@ -295,10 +292,7 @@ def _optimizer_update(model: nn.Module, optimizer: torch.optim.Optimizer,
     clones' dtype), so that a small update of large float32 weights keeps its digits. An
     optimizer that cannot be rebuilt from its groups steps on deep copies instead.
     """
-    owned = {id(p) for p in model.parameters()}
-    if any(id(p) not in owned for group in optimizer.param_groups for p in group["params"]):
-        raise ValueError(f"{call}: the optimizer updates tensors that are not parameters of the "
-                         "model; pass the optimizer that trains this model")
+    _check_owned(model, optimizer, call)
     names = {id(p): n for n, p in model.named_parameters()}
     clones: dict[str, Tensor] = {}
     groups = []
@@ -329,18 +323,22 @@ def _optimizer_update(model: nn.Module, optimizer: torch.optim.Optimizer,
         trained[n], dtype=torch.float64) for n in trained}
 
 
+def _check_owned(model: nn.Module, optimizer: torch.optim.Optimizer, call: str) -> None:
+    """Refuse an optimizer that updates tensors other than ``model``'s parameters."""
+    owned = {id(p) for p in model.parameters()}
+    foreign = [p for g in optimizer.param_groups for p in g["params"] if id(p) not in owned]
+    if foreign:
+        raise ValueError(f"{call}: the optimizer updates {len(foreign)} tensors that are not "
+                         "parameters of the model; pass the optimizer that trains this model")
+
+
 def _copy_training(model: nn.Module, optimizer: torch.optim.Optimizer, call: str
                    ) -> tuple[nn.Module, torch.optim.Optimizer]:
     """Deep copies of ``model`` and ``optimizer`` whose optimizer updates the copied parameters."""
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"{call}: optimizer must be a torch.optim.Optimizer, got "
                         f"{type(optimizer).__name__}")
-    owned = {id(p) for p in model.parameters()}
-    foreign = [i for g in optimizer.param_groups for i, p in enumerate(g["params"])
-               if id(p) not in owned]
-    if foreign:
-        raise ValueError(f"{call}: the optimizer updates {len(foreign)} tensors that are not "
-                         "parameters of the model; pass the optimizer that trains this model")
+    _check_owned(model, optimizer, call)
     model_copy, optimizer_copy = copy.deepcopy((model, optimizer))
     return model_copy, optimizer_copy
 

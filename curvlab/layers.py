@@ -232,11 +232,20 @@ def select_transformer(rec: Recorder, blocks: Sequence[str]) -> list[tuple[str, 
             and rec.calls.get(n) == 1]
 
 
+def defaults(model: nn.Module) -> tuple[list[str], Callable[[Tensor, Recorder],
+                                                              list[tuple[str, Tensor]]]]:
+    """The modules to record for the default layers, and how to pick them after a forward:
+    ``pick(loss, recorder) -> [(name, feature)]`` (see the module docstring)."""
+    blocks = find_blocks(model)
+    if blocks is None:
+        return candidates(model), select_default
+    return transformer_candidates(model, blocks), lambda loss, rec: select_transformer(rec, blocks)
+
+
 def default_layers(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], inputs: Any,
                    targets: Any, output: Any = "auto") -> list[tuple[str, Tensor]]:
     """Run one forward and return the default ``(name, output)`` layers of ``model``."""
-    blocks = find_blocks(model)
-    watch = candidates(model) if blocks is None else transformer_candidates(model, blocks)
+    watch, pick = defaults(model)
     with recording(model, watch) as rec:
         loss = loss_fn(pick_output(call_model(model, inputs), output), targets)
-    return select_default(loss, rec) if blocks is None else select_transformer(rec, blocks)
+    return pick(loss, rec)
