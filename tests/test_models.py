@@ -46,7 +46,7 @@ def test_mup_scales_with_width():
                                   "layers.1.weight": 0.025, "layers.1.bias": 0.1,
                                   "layers.2.weight": 0.1, "layers.2.bias": 0.1})
     deep = ResNet(128, 16, cl.DepthMuP(base_width=64, base_depth=4))
-    assert deep.blocks[0].scale == pytest.approx(0.25)
+    assert deep.blocks[0].scale == pytest.approx(0.5)  # (L / L0)^(-1/2), relative to L0 = 4
     adam_deep = {g["name"]: g["lr"] for g in deep.parametrization.optimizer(
         deep, "adam", 0.1).param_groups}
     assert adam_deep["blocks.0.linear.weight"] == pytest.approx(0.1 / 2 * 0.5)  # 1/m, (L/L0)^-1/2

@@ -78,7 +78,7 @@ class ResidualBlock(nn.Module):
 
 class ResNet(nn.Module):
     """``stem -> depth residual blocks -> head`` on ``(n, d_in)``; ``branch_scale`` defaults to the
-    parametrization's (``1/sqrt(depth)`` for DepthMuP, else 1)."""
+    parametrization's (``sqrt(base_depth / depth)`` for DepthMuP, else 1)."""
 
     def __init__(self, width: int, depth: int = 4, parametrization: Parametrization | None = None,
                  *, branch_scale: float | None = None, d_in: int = 16, d_out: int = 10,
@@ -152,7 +152,8 @@ class TransformerBlock(nn.Module):
 class Transformer(nn.Module):
     """A tiny pre-LN transformer on ``(n, T, d_in)``: linear embedding to ``width``, ``depth``
     :class:`TransformerBlock` s, mean pooling over tokens and a linear head. LayerNorm
-    parameters are trained at the base LR."""
+    gains and biases are vector-like: the parametrization's LR for biases (``m`` under muP with
+    SGD)."""
 
     def __init__(self, width: int, depth: int = 2, parametrization: Parametrization | None = None,
                  *, heads: int = 4, d_in: int = 16, d_out: int = 10, bias: bool = True) -> None:
