@@ -46,6 +46,7 @@ from curvlab.operators import GGNOperator, HessianOperator, OperatorBase
 from curvlab.plotting import plot_lr_sweep, plot_overlay
 from curvlab.preconditioning import Preconditioned, adam_scales, lr_scales, preconditioned
 from curvlab.runs import Metric, Run, load_run, load_runs
+from curvlab.scaling import Exponent, fit_exponent
 from curvlab.sharpness import sharpness
 
 __version__ = "0.1.0"
@@ -56,6 +57,7 @@ __all__ = [
     "ConvergenceError",
     "DepthMuP",
     "EigResult",
+    "Exponent",
     "FeatureChange",
     "FeatureChangeResult",
     "FeatureSpeed",
@@ -88,6 +90,7 @@ __all__ = [
     "empirical_ntk",
     "feature_change",
     "feature_speed",
+    "fit_exponent",
     "func",
     "hutchinson_trace",
     "hutchpp_trace",

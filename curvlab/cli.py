@@ -228,10 +228,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_demo.add_argument("--seed", type=int, default=0)
     p_sweep = sub.add_parser("sweep", help="train across widths, log, plot and report")
     p_sweep.add_argument("--config", help="JSON or TOML file with SweepConfig fields")
-    p_sweep.add_argument("--model", help="mlp (default) or resnet")
+    p_sweep.add_argument("--model", help="mlp (default), resnet, convnet or transformer")
     p_sweep.add_argument("--widths", help="e.g. '64,128,256,512' (default)")
     p_sweep.add_argument("--depths", help="e.g. '3' (default)")
-    p_sweep.add_argument("--parametrizations", help="e.g. 'mup,ntp' (default); also sp")
+    p_sweep.add_argument("--parametrizations",
+                         help="e.g. 'mup,ntp' (default); also sp, depth-mup and interp:S "
+                              "(cl.interpolated(S), S in [0, 1]: NTP at 0, muP at 1)")
     p_sweep.add_argument("--optimizer", help="sgd (default) or adam")
     p_sweep.add_argument("--lr", help="'auto' (default) or one or several LRs (an LR sweep)")
     p_sweep.add_argument("--steps", type=int, help="training steps (default 200)")

@@ -47,7 +47,18 @@ from torch import Tensor
 
 from curvlab.callbacks import FeatureSpeed, Loss, Monitor, NTKSpectrum, Sharpness
 from curvlab.hdf5 import RunLogger
-from curvlab.models import MLP, NTP, SP, ConvNet, MuP, Parametrization, ResNet, Transformer
+from curvlab.models import (
+    MLP,
+    NTP,
+    SP,
+    ConvNet,
+    DepthMuP,
+    MuP,
+    Parametrization,
+    ResNet,
+    Transformer,
+    interpolated,
+)
 from curvlab.preconditioning import adam_scales, lr_scales
 from curvlab.runs import load_run
 from curvlab.sharpness import sharpness
@@ -55,7 +66,7 @@ from curvlab.testing import mse
 
 MODELS = ("mlp", "resnet", "convnet", "transformer")
 DATASETS = ("teacher", "mixture", "digits")
-PARAMETRIZATIONS = ("mup", "ntp", "sp")
+PARAMETRIZATIONS = ("mup", "ntp", "sp", "depth-mup", "interp:S")  # S in [0, 1]
 DTYPES = ("float32", "float64")
 LR_FRACTION = 0.5
 
@@ -87,10 +98,10 @@ class SweepConfig:
         call = "sweep"
         if self.model not in MODELS:
             raise ValueError(f"{call}: unknown model {self.model!r}; choose from {MODELS}")
-        unknown = [p for p in self.parametrizations if p not in PARAMETRIZATIONS]
+        unknown = [p for p in self.parametrizations if not _known_parametrization(p)]
         if unknown or not self.parametrizations:
             raise ValueError(f"{call}: unknown parametrizations {unknown}; choose from "
-                             f"{PARAMETRIZATIONS}")
+                             f"{PARAMETRIZATIONS}, e.g. 'interp:0.5' for cl.interpolated(0.5)")
         bad = [w for w in self.widths if isinstance(w, bool) or not isinstance(w, int) or w < 1]
         if bad or not self.widths:
             raise ValueError(f"{call}: widths must be positive integers, got {list(self.widths)}")
@@ -166,8 +177,37 @@ def make_dataset(name: str, n: int, seed: int = 0) -> tuple[Tensor, Tensor]:
     return x.reshape(len(x), -1)[:n], y.float()[:n]
 
 
-def parametrization(name: str, base_width: int, sigma: float) -> Parametrization:
+def _interp_s(name: str) -> float | None:
+    """``S`` of ``"interp:S"`` when it is a number in ``[0, 1]``, else ``None``."""
+    head, _, tail = name.partition(":")
+    if head != "interp":
+        return None
+    try:
+        s = float(tail)
+    except ValueError:
+        return None
+    return s if 0.0 <= s <= 1.0 else None
+
+
+def _known_parametrization(name: str) -> bool:
+    return name in ("mup", "ntp", "sp", "depth-mup") or _interp_s(name) is not None
+
+
+def parametrization(name: str, base_width: int, sigma: float, base_depth: int = 1
+                    ) -> Parametrization:
+    """The parametrization a sweep names: ``"mup"``, ``"ntp"``, ``"sp"``, ``"depth-mup"``
+    (relative to ``base_depth``, the sweep's smallest depth) or ``"interp:S"``
+    (``cl.interpolated(S)``, NTP at 0 and muP at 1)."""
+    s = _interp_s(name)
+    if s is not None:
+        return interpolated(s, base_width, sigma)
+    if name == "depth-mup":
+        return DepthMuP(base_width, sigma, base_depth=base_depth)
     return {"mup": MuP(base_width, sigma), "ntp": NTP(sigma=sigma), "sp": SP(sigma=sigma)}[name]
+
+
+def _param(cfg: SweepConfig, par: str) -> Parametrization:
+    return parametrization(par, cfg.base, cfg.sigma, min(cfg.depths))
 
 
 class _Shaped(torch.nn.Module):
@@ -191,7 +231,7 @@ TOKENS = 4
 def build_model(cfg: SweepConfig, par: str, width: int, depth: int, d_in: int, d_out: int,
                 seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
-    p = parametrization(par, cfg.base, cfg.sigma)
+    p = _param(cfg, par)
     model: torch.nn.Module
     if cfg.model in ("mlp", "resnet"):
         model = (MLP if cfg.model == "mlp" else ResNet)(width, depth, p, d_in=d_in, d_out=d_out)
@@ -226,7 +266,7 @@ def auto_lr(cfg: SweepConfig, par: str, depth: int, x: Tensor, y: Tensor) -> flo
     beta1) / ((1 - beta1) lambda_0)``, the Adam threshold ``38 / eta`` solved for ``eta``.
     """
     model = build_model(cfg, par, cfg.base, depth, x.shape[1], y.shape[1], cfg.seeds[0])
-    opt = parametrization(par, cfg.base, cfg.sigma).optimizer(model, cfg.optimizer, 1.0)
+    opt = _param(cfg, par).optimizer(model, cfg.optimizer, 1.0)
     params = dict(model.named_parameters())
     if cfg.optimizer == "sgd":
         d, bound = lr_scales(opt, params, base_lr=1.0), 2.0
@@ -245,7 +285,7 @@ def auto_lr(cfg: SweepConfig, par: str, depth: int, x: Tensor, y: Tensor) -> flo
 
 
 def run_name(par: str, width: int, depth: int, lr: float, seed: int) -> str:
-    return f"{par}_w{width}_d{depth}_lr{lr:.4g}_s{seed}.h5"
+    return f"{par.replace(':', '-')}_w{width}_d{depth}_lr{lr:.4g}_s{seed}.h5"
 
 
 def train_one(cfg: SweepConfig, par: str, width: int, depth: int, lr: float, seed: int,
@@ -253,7 +293,7 @@ def train_one(cfg: SweepConfig, par: str, width: int, depth: int, lr: float, see
     """One run: full-batch (or mini-batch) training with a Monitor, logged to ``path``."""
     x, y = data
     model = build_model(cfg, par, width, depth, x.shape[1], y.shape[1], seed)
-    opt = parametrization(par, cfg.base, cfg.sigma).optimizer(model, cfg.optimizer, lr)
+    opt = _param(cfg, par).optimizer(model, cfg.optimizer, lr)
     probe = (x[:cfg.probe_size], y[:cfg.probe_size])
     config = {"model": cfg.model, "width": width, "depth": depth, "parametrization": par,
               "optimizer": cfg.optimizer, "lr": lr, "seed": seed, "steps": cfg.steps,

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import curvlab as cl
+from curvlab import sweep
 from curvlab.cli import main
 from curvlab.sweep import SweepConfig, make_dataset, run_sweep
 
@@ -54,6 +55,22 @@ def test_lr_sweep_and_config_file(tmp_path, capsys):
     assert len(list((out / "runs").glob("*.h5"))) == 8
 
 
+def test_interpolated_and_depth_mup_are_selectable(tmp_path, capsys):
+    """``interp:S`` is cl.interpolated(S) with its own per-layer LRs; ``depth-mup`` is relative
+    to the smallest depth of the sweep."""
+    out = tmp_path / "interp"
+    assert main(["sweep", "--out", str(out), "--parametrizations", "interp:0.5,depth-mup",
+                 "--model", "resnet", "--depths", "2,8", "--lr", "0.05", *TINY]) == 0
+    runs = cl.load_runs(str(out / "runs" / "*.h5"))
+    assert sorted({r.config["parametrization"] for r in runs}) == ["depth-mup", "interp:0.5"]
+    assert sorted(p.name for p in (out / "runs").iterdir())[0].startswith("depth-mup_w16_d2")
+    assert any(p.name.startswith("interp-0.5_w32_d8") for p in (out / "runs").iterdir())
+    p = sweep.parametrization("interp:0.5", 16, 1.0)
+    assert isinstance(p, cl.models.Interpolated) and p.s == 0.5
+    deep = sweep.parametrization("depth-mup", 16, 1.0, base_depth=2)
+    assert deep.branch_scale(8) == pytest.approx(0.5)  # (8 / 2)^(-1/2)
+
+
 def test_npz_dataset(tmp_path):
     x, y = np.random.default_rng(0).normal(size=(20, 3)), np.arange(20) % 3
     np.savez(tmp_path / "d.npz", x=x, y=y)
@@ -65,6 +82,9 @@ def test_errors(tmp_path, capsys):
     cases = [({"model": "vit"}, "unknown model 'vit'"),
              ({"dataset": "imagenet"}, "unknown dataset 'imagenet'"),
              ({"parametrizations": ("mup", "abc")}, r"unknown parametrizations \['abc'\]"),
+             ({"parametrizations": ("interp:1.5",)},
+              r"unknown parametrizations \['interp:1\.5'\].*e\.g\. 'interp:0\.5'"),
+             ({"parametrizations": ("interp:x",)}, r"unknown parametrizations \['interp:x'\]"),
              ({"widths": (64, 0)}, r"widths must be positive integers, got \[64, 0\]"),
              ({"widths": (64, 128), "base_width": 128},
               "base width 128 is larger than the smallest width 64"),
