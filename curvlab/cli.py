@@ -112,7 +112,7 @@ def sweep_config(args: argparse.Namespace) -> Any:
              "lrs": args.lr, "steps": args.steps, "batch_size": args.batch_size,
              "dataset": args.dataset, "n": args.n, "probe_size": args.probe_size,
              "every": args.every, "seeds": args.seeds, "device": args.device,
-             "base_width": args.base_width, "dtype": args.dtype}
+             "base_width": args.base_width, "dtype": args.dtype, "loss": args.loss}
     values.update({k: v for k, v in flags.items() if v is not None})
     for key in ("widths", "depths", "seeds"):
         if isinstance(values.get(key), str):
@@ -250,6 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_sweep.add_argument("--overwrite", action="store_true", help="redo runs in --out")
     p_sweep.add_argument("--quiet", action="store_true", help="no progress bar")
     p_sweep.add_argument("--dtype", help="float32 (default) or float64, of model and data")
+    p_sweep.add_argument("--loss", help="mse (default) or xent (cross-entropy on the classes)")
     p_sweep.add_argument("--jobs", type=int, help="train N runs at once, in N processes (with "
                          "CUDA, worker i on GPU i mod the GPU count; default 1)")
     p_sweep.add_argument("--plan-only", action="store_true", help="write OUT/plan (one run "

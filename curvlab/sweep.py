@@ -22,7 +22,9 @@ Datasets (all generated or shipped, nothing downloaded): ``"teacher"`` (Gaussian
 tanh teacher network's outputs), ``"mixture"`` (a Gaussian mixture, one-hot targets), ``"digits"``
 (scikit-learn's bundled 8x8 digits, if scikit-learn is installed) or a path to an ``.npz`` file
 with arrays ``x (n, d)`` and ``y (n, k)`` (or integer labels ``(n,)``). The loss is MSE
-(``0.5 ||f - y||^2`` averaged over examples; labels are one-hot encoded). ``dtype`` (``"float32"``,
+(``0.5 ||f - y||^2`` averaged over examples; labels are one-hot encoded), or with
+``loss="xent"`` the mean cross-entropy of the outputs as logits against the targets' classes
+(their argmax, for the classification data sets). ``dtype`` (``"float32"``,
 the default, or ``"float64"``) is used for the model and the data.
 
 Running a sweep: ``run_sweep(cfg, out)`` trains the runs one after another; ``jobs=N`` trains N at
@@ -68,6 +70,14 @@ MODELS = ("mlp", "resnet", "convnet", "transformer")
 DATASETS = ("teacher", "mixture", "digits")
 PARAMETRIZATIONS = ("mup", "ntp", "sp", "depth-mup", "interp:S")  # S in [0, 1]
 DTYPES = ("float32", "float64")
+
+
+def cross_entropy(out: Tensor, y: Tensor) -> Tensor:
+    """Mean cross-entropy of logits ``out (n, k)`` against one-hot targets ``y (n, k)``."""
+    return torch.nn.functional.cross_entropy(out, y.argmax(dim=1))
+
+
+LOSSES = {"mse": mse, "xent": cross_entropy}
 LR_FRACTION = 0.5
 
 
@@ -93,6 +103,7 @@ class SweepConfig:
     sigma: float = 1.0  # base init scale of every parametrization
     lr_fraction: float = LR_FRACTION  # lr="auto": eta = lr_fraction * 2 / lambda_0
     dtype: str = "float32"  # of the model and the data: "float32" or "float64"
+    loss: str = "mse"  # "mse" or "xent" (cross-entropy on the one-hot targets' classes)
 
     def validate(self) -> None:
         call = "sweep"
@@ -118,6 +129,8 @@ class SweepConfig:
             raise ValueError(f"{call}: lrs must be 'auto' or positive numbers, got {self.lrs!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"{call}: dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"{call}: loss must be one of {tuple(LOSSES)}, got {self.loss!r}")
 
     @property
     def base(self) -> int:
@@ -271,7 +284,7 @@ def auto_lr(cfg: SweepConfig, par: str, depth: int, x: Tensor, y: Tensor) -> flo
     if cfg.optimizer == "sgd":
         d, bound = lr_scales(opt, params, base_lr=1.0), 2.0
     else:
-        mse(model(x), y).backward()
+        LOSSES[cfg.loss](model(x), y).backward()
         multipliers = [g["lr"] for g in opt.param_groups]
         for g in opt.param_groups:
             g["lr"] = 0.0  # a first step that fills Adam's state and moves nothing
@@ -280,7 +293,8 @@ def auto_lr(cfg: SweepConfig, par: str, depth: int, x: Tensor, y: Tensor) -> flo
             g["lr"] = lr
         beta1 = float(opt.param_groups[0]["betas"][0])
         d, bound = adam_scales(opt, params, base_lr=1.0), (2 + 2 * beta1) / (1 - beta1)
-    lam = sharpness(model, mse, (x, y), scales=d, generator=torch.Generator().manual_seed(0))
+    lam = sharpness(model, LOSSES[cfg.loss], (x, y), scales=d,
+                    generator=torch.Generator().manual_seed(0))
     return cfg.lr_fraction * bound / lam
 
 
@@ -299,11 +313,11 @@ def train_one(cfg: SweepConfig, par: str, width: int, depth: int, lr: float, see
               "optimizer": cfg.optimizer, "lr": lr, "seed": seed, "steps": cfg.steps,
               "dataset": cfg.dataset, "n": len(x), "batch_size": cfg.batch_size,
               "probe_size": cfg.probe_size, "every": cfg.every, "base_width": cfg.base,
-              "loss": "mse", "dtype": cfg.dtype}
+              "loss": cfg.loss, "dtype": cfg.dtype}
     g = torch.Generator().manual_seed(seed)
     kind = "lr" if cfg.optimizer == "sgd" else "adam"
     with RunLogger(path, config, mode="w", env={"device": cfg.device}) as log:
-        monitor = Monitor(model, mse, probe, log,
+        monitor = Monitor(model, LOSSES[cfg.loss], probe, log,
                           [Loss(every=1), Sharpness(every=cfg.every, preconditioned=kind),
                            NTKSpectrum(every=cfg.every, k=4, size=64),
                            FeatureSpeed(every=cfg.every)],
@@ -316,16 +330,27 @@ def train_one(cfg: SweepConfig, par: str, width: int, depth: int, lr: float, see
                 idx = torch.randint(0, len(x), (cfg.batch_size,), generator=g)
                 xb, yb = x[idx], y[idx]
             opt.zero_grad(set_to_none=True)
-            loss = mse(model(xb), yb)
+            loss = LOSSES[cfg.loss](model(xb), yb)
             loss.backward()
             opt.step()
             if not torch.isfinite(loss):
                 log.log(step, diverged=1.0)
                 break
-            monitor.on_train_batch_end(step)
+            try:
+                monitor.on_train_batch_end(step)
+            except ValueError:  # a measurement of a network that has just blown up
+                if _finite_loss(model, LOSSES[cfg.loss], probe):
+                    raise
+                log.log(step, diverged=1.0)
+                break
             if progress is not None:
                 progress.update(1)
         monitor.on_train_end()
+
+
+def _finite_loss(model: torch.nn.Module, loss_fn: Any, probe: tuple[Tensor, Tensor]) -> bool:
+    with torch.no_grad():
+        return bool(torch.isfinite(loss_fn(model(probe[0]), probe[1])))
 
 
 def finished(path: Path, steps: int) -> bool:

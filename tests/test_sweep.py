@@ -71,6 +71,35 @@ def test_interpolated_and_depth_mup_are_selectable(tmp_path, capsys):
     assert deep.branch_scale(8) == pytest.approx(0.5)  # (8 / 2)^(-1/2)
 
 
+def test_cross_entropy_on_digits(tmp_path):
+    """``--loss xent``: the logged loss is the cross-entropy of the model the run trains."""
+    out = tmp_path / "xent"
+    assert main(["sweep", "--out", str(out), "--dataset", "digits", "--loss", "xent",
+                 "--parametrizations", "mup", "--lr", "0.1", *TINY]) == 0
+    run = cl.load_run(sorted((out / "runs").glob("*w16*.h5"))[0])
+    assert run.config["loss"] == "xent"
+    cfg = SweepConfig(dataset="digits", loss="xent", n=64, widths=(16, 32), seeds=(0,))
+    x, y = sweep.load_data(cfg)
+    model = sweep.build_model(cfg, "mup", 16, 3, x.shape[1], y.shape[1], 0)
+    x, y = x[:32], y[:32]  # the probe (--probe-size 32)
+    want = torch.nn.functional.cross_entropy(model(x), y.argmax(1)).item()
+    assert run["loss"].value[0] == pytest.approx(want, rel=1e-5)
+
+
+def test_a_run_whose_parameters_blow_up_is_marked_diverged_and_the_sweep_goes_on(tmp_path):
+    """A step can leave a network whose loss overflows behind a finite training loss; the run
+    stops there, marked diverged, instead of its next measurement raising (the curvature of an
+    infinite loss) and ending the sweep."""
+    out = tmp_path / "blow"
+    assert main(["sweep", "--out", str(out), "--lr", "1e30", "--parametrizations", "sp",
+                 *TINY, "--every", "1"]) == 0
+    runs = cl.load_runs(str(out / "runs" / "*.h5"))
+    assert len(runs) == 2
+    for r in runs:
+        assert r["diverged"].step.tolist() == [1]
+        assert r["sharpness_lr"].step.tolist() == [0]  # measured at init only
+
+
 def test_npz_dataset(tmp_path):
     x, y = np.random.default_rng(0).normal(size=(20, 3)), np.arange(20) % 3
     np.savez(tmp_path / "d.npz", x=x, y=y)
@@ -85,6 +114,7 @@ def test_errors(tmp_path, capsys):
              ({"parametrizations": ("interp:1.5",)},
               r"unknown parametrizations \['interp:1\.5'\].*e\.g\. 'interp:0\.5'"),
              ({"parametrizations": ("interp:x",)}, r"unknown parametrizations \['interp:x'\]"),
+             ({"loss": "hinge"}, r"loss must be one of \('mse', 'xent'\), got 'hinge'"),
              ({"widths": (64, 0)}, r"widths must be positive integers, got \[64, 0\]"),
              ({"widths": (64, 128), "base_width": 128},
               "base width 128 is larger than the smallest width 64"),
