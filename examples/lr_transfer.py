@@ -6,23 +6,33 @@ maximal update parametrization the learning rate that is best at one width is (c
 every width, because the optimal LR converges to a nonzero constant as width grows; under the
 standard parametrization it drifts toward zero.
 
-Part (a), the theorem's setting, in plain torch (float64). A deep linear MLP
-``f(x) = V^T W_L ... W_1 W_0 x`` with input ``x in R^d``, width ``n``, ``L`` hidden ``n x n`` layers
-and a scalar output, trained by one full-batch gradient step on the mean loss
-``(1/m) sum_i 0.5 (f(x_i) - y_i)^2``. Only the hidden layers ``W_1..W_L`` train; ``W_0`` and ``V``
-are frozen. Init: ``W_0 ~ N(0, 1/d)``, ``W_l ~ N(0, 1/n)``, and ``V ~ N(0, 1/n^2)`` under muP
-(``N(0, 1/n)`` under SP). The LR convention is the paper's: one plain GD learning rate ``eta`` for
-every hidden layer, *not* scaled by width under either parametrization (in this multiplier-free
-form of muP the width dependence lives in the readout's init; hidden weights of muP-SGD take a
-width-independent LR, Yang et al. 2022, Table 3). After one step the network output is a
-polynomial of degree ``L`` in ``eta`` (each hidden layer moves by a rank-one matrix, since ``V``
-is one vector), so the post-step loss is an exact polynomial of degree ``2L``; we compute its
-coefficients, minimize it globally on a log grid of ``eta`` and refine with scipy's bounded scalar
-minimizer (cross-checked against the real roots of its derivative, and against a real torch
-gradient step). As ``n -> infinity`` under muP the optimum converges to
-``eta_inf = (m / L) y^T K y / ||K y||^2`` with ``K = X X^T / d`` (the infinite-width limit of the
-one-step update ``f_1 = eta (L/m) K y`` from ``f_0 ~ 0``), at rate ``O(n^{-1/2})``; under SP
-the one-step NTK grows like ``n`` and the optimum falls like ``1/n``.
+Part (a), the theorem's setting, built from curvlab's parametrizations (float64).
+- Model: a deep linear MLP ``f(x) = V^T W_L ... W_1 W_0 x`` with input ``x in R^d``, width ``n``,
+  ``L`` hidden ``n x n`` layers and a scalar output: ``cl.models.MLP`` with no activation and no
+  biases.
+- Training: one full-batch step on the mean loss ``(1/m) sum_i 0.5 (f(x_i) - y_i)^2``, by
+  ``parametrization.optimizer(model, "sgd", eta)``. Only the hidden layers ``W_1..W_L`` train;
+  ``W_0`` and ``V`` are frozen.
+- Parametrizations (``PARAMETRIZATIONS_A``):
+  - ``cl.MuP(base_width=1, sigma=1)`` gives the paper's muP: ``W_0 ~ N(0, 1/d)``,
+    ``W_l ~ N(0, 1/n)``, and a readout of multiplier ``1/n`` on ``N(0, 1)``, i.e.
+    ``V ~ N(0, 1/n^2)``.
+  - ``cl.SP(sigma=1)`` has ``V ~ N(0, 1/n)``.
+  - ``cl.NTP(sigma=1)`` has ``N(0, 1)`` weights times ``1/sqrt(fan_in)``.
+- LR convention: under muP and SP the hidden layers train at ``eta``, not scaled by width, as in
+  the paper (muP-SGD's hidden weights take a width-independent LR, Yang et al. 2022, Table 3).
+  Under NTP they train at ``eta`` on the raw weights, which is ``eta / n`` on the effective ones.
+- Method: after one step the output is a polynomial of degree ``L`` in ``eta``, because each
+  hidden layer moves by a rank-one matrix (``V`` is one vector). So the post-step loss is an
+  exact polynomial of degree ``2L``. We compute its coefficients from the model's effective
+  matrices and LR factors, minimize it globally on a log grid of ``eta``, and refine with scipy's
+  bounded scalar minimizer. This is cross-checked against the real roots of its derivative, and
+  against a real ``optimizer.step()`` on the model.
+- Prediction: as ``n -> infinity`` under muP the optimum converges to
+  ``eta_inf = (m / L) y^T K y / ||K y||^2`` with ``K = X X^T / d``, at rate ``O(n^{-1/2})``.
+  This is the infinite-width limit of the one-step update ``f_1 = eta (L/m) K y`` from
+  ``f_0 ~ 0``. Under SP the one-step NTK grows like ``n`` and the optimum falls like ``1/n``.
+  Under NTP (reported, not asserted) the kernel is ``Theta(1)`` in its own LR units.
 
 Part (b), a nonlinear check with curvlab's sweep: a 3-layer ReLU MLP (curvlab.models.MLP) trained
 for 100 steps of full-batch GD on curvlab's teacher-student task (512 points, MSE), at widths 64,
@@ -42,6 +52,7 @@ Run (from the repository root; a few minutes on a 2-core CPU, under 30 s with ``
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import json
 import os
@@ -76,7 +87,6 @@ QUICK_B = {**FULL_B, "widths": [16, 32], "lrs": [0.05, 0.2], "steps": 5, "n": 64
 # Thresholds of the claims (see the docstring and docs/reproductions/lr_transfer.md).
 MUP_DEV_AT_1024 = 0.15  # mean relative deviation from eta_inf at width 1024 (16 seeds)
 MUP_DEV_AT_WIDEST = 0.05  # ... at the widest width (4096)
-MUP_DEV_SLOPE = -0.4  # log-log slope of the deviation from width 256 on (theory: -0.5)
 SP_DECAY_PER_4X = 2.0  # the SP optimum falls at least this factor per 4x width
 
 
@@ -97,26 +107,54 @@ def eta_limit(x: torch.Tensor, y: torch.Tensor, depth: int) -> float:
     return float(m / depth * (y @ ky) / (ky @ ky))
 
 
-def init_linear(n: int, d: int, depth: int, par: str, seed: int
-                ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
-    """``W_0 (n, d) ~ N(0, 1/d)``, ``W_l (n, n) ~ N(0, 1/n)``, ``V (n,) ~ N(0, 1/n^2)`` (muP) or
-    ``N(0, 1/n)`` (SP), drawn from one generator seeded by ``seed``."""
-    g = torch.Generator().manual_seed(10_000 + seed)
-    w0 = torch.randn(n, d, generator=g, dtype=torch.float64) / d ** 0.5
-    ws = [torch.randn(n, n, generator=g, dtype=torch.float64) / n ** 0.5 for _ in range(depth)]
-    v = torch.randn(n, generator=g, dtype=torch.float64) / (n if par == "mup" else n ** 0.5)
-    return w0, ws, v
+# curvlab's parametrizations in the paper's conventions: muP relative to base width 1 with
+# sigma = 1 gives W_0 ~ N(0, 1/d), W_l ~ N(0, 1/n) and a readout V / n with V ~ N(0, 1), i.e.
+# N(0, 1/n^2); SP gives V ~ N(0, 1/n); NTP gives N(0, 1) weights times 1/sqrt(fan_in).
+PARAMETRIZATIONS_A = {"mup": cl.MuP(base_width=1, sigma=1.0), "sp": cl.SP(sigma=1.0),
+                      "ntp": cl.NTP(sigma=1.0)}
+
+
+def linear_mlp(n: int, d: int, depth: int, par: str, seed: int) -> torch.nn.Module:
+    """``cl.models.MLP`` without biases or activations (``depth`` hidden layers), float64,
+    initialized by ``PARAMETRIZATIONS_A[par]`` under ``torch.manual_seed(10_000 + seed)``; the
+    input layer and the readout are frozen, as in the paper."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        torch.manual_seed(10_000 + seed)
+        model = cl.models.MLP(n, depth + 2, PARAMETRIZATIONS_A[par], d_in=d, d_out=1,
+                              act=torch.nn.Identity, bias=False)
+    finally:
+        torch.set_default_dtype(default)
+    for layer in (model.layers[0], model.layers[-1]):
+        layer.weight.requires_grad_(False)
+    return model
+
+
+def effective(model: torch.nn.Module, par: str
+              ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, list[float]]:
+    """The effective matrices ``W_0 (n, d)``, ``W_l (n, n)``, ``V (n,)`` (weight times forward
+    multiplier) and each hidden layer's effective LR factor ``c_l``: the parametrization's LR
+    multiplier times the forward multiplier squared (``W' = a W`` trained at ``lr`` moves like
+    ``W'`` trained at ``a^2 lr``)."""
+    opt = PARAMETRIZATIONS_A[par].optimizer(model, "sgd", 1.0)
+    lrs = {id(q): g["lr"] for g in opt.param_groups for q in g["params"]}
+    mats = [(layer.weight * layer.multiplier).detach() for layer in model.layers]
+    rates = [lrs[id(layer.weight)] * layer.multiplier ** 2 for layer in model.layers[1:-1]]
+    return mats[0], mats[1:-1], mats[-1][0], rates
 
 
 def post_step_coefficients(x: torch.Tensor, y: torch.Tensor, w0: torch.Tensor,
-                           ws: list[torch.Tensor], v: torch.Tensor) -> np.ndarray:
+                           ws: list[torch.Tensor], v: torch.Tensor, rates: list[float]
+                           ) -> np.ndarray:
     """Coefficients ``c (L+1, m)`` of the post-step output ``f_1(x_i) = sum_k c[k, i] eta^k``.
 
     The gradient of the mean loss for hidden layer ``l`` is rank one, ``a_l g_l^T``, with the
     backward vector ``a_l = W_{l+1}^T ... W_L^T V`` (the same for every example: the net is linear
     with one output) and ``g_l = H_{l-1} r / m`` (``H_{l-1}`` the layer's inputs, ``r = f_0 - y``).
-    So ``f_1 = V^T (W_L - eta a_L g_L^T) ... (W_1 - eta a_1 g_1^T) H_0``: expand the product from
-    the left as a polynomial of row vectors (matrix-vector products only).
+    So ``f_1 = V^T (W_L - eta c_L a_L g_L^T) ... (W_1 - eta c_1 a_1 g_1^T) H_0`` (``c_l`` the
+    layers' effective LR factors): expand the product from the left as a polynomial of row
+    vectors (matrix-vector products only).
     """
     m, depth = len(y), len(ws)
     hs = [w0 @ x.T]  # H_0 (n, m)
@@ -132,7 +170,7 @@ def post_step_coefficients(x: torch.Tensor, y: torch.Tensor, w0: torch.Tensor,
         w, a, g = ws[layer - 1], backs[layer - 1], hs[layer - 1] @ r / m  # g: (n,)
         new = [u @ w for u in rows] + [torch.zeros_like(v)]
         for k, u in enumerate(rows):
-            new[k + 1] = new[k + 1] - (u @ a) * g
+            new[k + 1] = new[k + 1] - rates[layer - 1] * (u @ a) * g
         rows = new
     return torch.stack([u @ hs[0] for u in rows]).numpy()  # (L+1, m)
 
@@ -160,47 +198,45 @@ def optimal_lr(p: np.polynomial.Polynomial, scale: float) -> tuple[float, float]
     return eta, exact
 
 
-def torch_step_loss(x: torch.Tensor, y: torch.Tensor, w0: torch.Tensor, ws: list[torch.Tensor],
-                    v: torch.Tensor, eta: float) -> float:
-    """The post-step loss from a real autograd gradient step (checks the polynomial)."""
-    params = [w.clone().requires_grad_(True) for w in ws]
-
-    def loss_at(weights: list[torch.Tensor]) -> torch.Tensor:
-        h = w0 @ x.T  # (n, m)
-        for w in weights:
-            h = w @ h  # (n, m)
-        return 0.5 * ((v @ h - y) ** 2).mean()
-
-    grads = torch.autograd.grad(loss_at(params), params)
+def torch_step_loss(model: torch.nn.Module, par: str, x: torch.Tensor, y: torch.Tensor,
+                    eta: float) -> float:
+    """The post-step loss after one real step of ``parametrization.optimizer(model, "sgd",
+    eta)`` on a copy of the model (checks the polynomial)."""
+    model = copy.deepcopy(model)
+    opt = PARAMETRIZATIONS_A[par].optimizer(model, "sgd", eta)
+    (0.5 * ((model(x)[:, 0] - y) ** 2).mean()).backward()
+    opt.step()
     with torch.no_grad():
-        return float(loss_at([p - eta * g for p, g in zip(params, grads, strict=True)]))
+        return float(0.5 * ((model(x)[:, 0] - y) ** 2).mean())
 
 
 def part_a(cfg: dict[str, Any]) -> dict[str, Any]:
     x, y = make_data(cfg["m"], cfg["d"], cfg["noise"], cfg["data_seed"])
     depth = cfg["depth"]
-    seeds = {"mup": list(range(cfg["seeds"])), "sp": list(range(cfg["sp_seeds"]))}
+    seeds = {"mup": list(range(cfg["seeds"])), "sp": list(range(cfg["sp_seeds"])),
+             "ntp": list(range(cfg["sp_seeds"]))}
     eta_inf = eta_limit(x, y, depth)
     out: dict[str, Any] = {"eta_inf": eta_inf, "widths": cfg["widths"], "seeds": seeds}
     check_err, root_err = 0.0, 0.0
     curves = {}
-    for par in ("mup", "sp"):
+    for par in ("mup", "sp", "ntp"):
         rows = []
         for n in cfg["widths"]:
             etas = []
             for s in seeds[par]:
-                w0, ws, v = init_linear(n, cfg["d"], depth, par, s)
-                p = loss_polynomial(post_step_coefficients(x, y, w0, ws, v), y.numpy())
-                eta, exact = optimal_lr(p, eta_inf)
+                model = linear_mlp(n, cfg["d"], depth, par, s)
+                w0, ws, v, rates = effective(model, par)
+                p = loss_polynomial(post_step_coefficients(x, y, w0, ws, v, rates), y.numpy())
+                eta, exact = optimal_lr(p, eta_inf / rates[0])
                 root_err = max(root_err, abs(eta / exact - 1))
                 etas.append(eta)
                 if n == cfg["widths"][0] and s == 0:  # the polynomial against a real GD step
                     for e in (0.1 * eta, eta, 3 * eta):
-                        real = torch_step_loss(x, y, w0, ws, v, e)
+                        real = torch_step_loss(model, par, x, y, e)
                         check_err = max(check_err, abs(p(e) / real - 1))
-                    grid = eta_inf * np.logspace(-4, 1, 300)
+                    grid = eta_inf / rates[0] * np.logspace(-4, 1, 300)
                     curves[par] = (grid.tolist(), p(grid).tolist())
-                del w0, ws, v
+                del model, w0, ws, v
             e = np.array(etas)
             dev = np.abs(e / eta_inf - 1)
             rows.append({"width": n, "eta_opt": e.tolist(), "eta_opt_mean": float(e.mean()),
@@ -217,8 +253,13 @@ def part_a(cfg: dict[str, Any]) -> dict[str, Any]:
     tail = widths >= 256
     out["mup_dev_slope_from_256"] = float(np.polyfit(np.log(widths[tail]), np.log(
         np.array(mup_dev)[tail]), 1)[0]) if tail.sum() >= 2 else float("nan")
+    if tail.sum() >= 2 and len(seeds["mup"]) > 1:  # the same fit, with an interval over seeds
+        devs = np.array([r["rel_dev"] for r in out["mup"]]).T[:, tail]  # (seeds, widths)
+        out["mup_dev_exponent_from_256"] = cl.fit_exponent(widths[tail], devs).as_dict()
     sp_eta = [r["eta_opt_mean"] for r in out["sp"]]
     out["sp_decay_per_step"] = [sp_eta[i] / sp_eta[i + 1] for i in range(len(sp_eta) - 1)]
+    ntp_eta = [r["eta_opt_mean"] for r in out["ntp"]]
+    out["ntp_change_per_step"] = [ntp_eta[i + 1] / ntp_eta[i] for i in range(len(ntp_eta) - 1)]
     out["sp_width_ratio_per_step"] = [float(widths[i + 1] / widths[i])
                                       for i in range(len(widths) - 1)]
     return out
@@ -227,10 +268,10 @@ def part_a(cfg: dict[str, Any]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------- part (b)
 def part_b(cfg: dict[str, Any]) -> dict[str, Any]:
     sweep = SweepConfig(model="mlp", widths=tuple(cfg["widths"]), depths=(cfg["depth"],),
-                        parametrizations=("mup", "sp"), lrs=tuple(cfg["lrs"]),
+                        parametrizations=("mup", "sp", "ntp"), lrs=tuple(cfg["lrs"]),
                         steps=cfg["steps"], seeds=tuple(cfg["seeds"]), n=cfg["n"],
                         dataset=cfg["dataset"], every=cfg["steps"], probe_size=32)
-    final: dict[str, dict[int, dict[float, list[float]]]] = {"mup": {}, "sp": {}}
+    final: dict[str, dict[int, dict[float, list[float]]]] = {"mup": {}, "sp": {}, "ntp": {}}
     with tempfile.TemporaryDirectory() as tmp:
         paths = run_sweep(sweep, Path(tmp) / "sweep", progress=False)
         for run in cl.load_runs([str(p) for p in paths]):
@@ -258,7 +299,7 @@ def plot(a: dict[str, Any], b: dict[str, Any], path: Path) -> None:
     eta_inf = a["eta_inf"]
 
     ax = axes[0, 0]
-    for par, color, label in (("mup", "C0", "muP"), ("sp", "C3", "SP")):
+    for par, color, label in (("mup", "C0", "muP"), ("sp", "C3", "SP"), ("ntp", "C2", "NTP")):
         rows = a[par]
         for r in rows:
             ax.plot([r["width"]] * len(r["eta_opt"]), r["eta_opt"], ".", color=color, alpha=0.35)
@@ -271,7 +312,7 @@ def plot(a: dict[str, Any], b: dict[str, Any], path: Path) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("width n (hidden units)")
     ax.set_ylabel("optimal learning rate eta (dimensionless)")
-    ax.set_title("(a) deep linear MLP: one-step optimal LR")
+    ax.set_title("(a) deep linear MLP: one-step optimal LR (NTP: in its own LR units)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
 
@@ -360,8 +401,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             1024 in mup_dev and mup_dev[1024] < MUP_DEV_AT_1024,
         f"a_mup_deviation_below_{MUP_DEV_AT_WIDEST}_at_widest_width":
             mup_dev[ws[-1]] < MUP_DEV_AT_WIDEST,
-        f"a_mup_deviation_slope_below_{MUP_DEV_SLOPE}":
-            bool(a["mup_dev_slope_from_256"] < MUP_DEV_SLOPE),
+        "a_mup_deviation_exponent_interval_holds_-1/2_and_excludes_0": bool(
+            "mup_dev_exponent_from_256" in a
+            and a["mup_dev_exponent_from_256"]["low"] <= -0.5 < a["mup_dev_exponent_from_256"]
+            ["high"] < 0),
         f"a_sp_optimum_falls_{SP_DECAY_PER_4X:g}x_per_4x_width": all(
             d >= SP_DECAY_PER_4X for d, r in zip(a["sp_decay_per_step"],
                                                  a["sp_width_ratio_per_step"], strict=True)
@@ -390,7 +433,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "part_a": a,
         "part_b": b,
         "thresholds": {"mup_dev_at_1024": MUP_DEV_AT_1024, "mup_dev_at_widest": MUP_DEV_AT_WIDEST,
-                       "mup_dev_slope": MUP_DEV_SLOPE, "sp_decay_per_4x": SP_DECAY_PER_4X},
+                       "mup_dev_exponent": "95% interval over seeds holds -1/2, excludes 0",
+                       "sp_decay_per_4x": SP_DECAY_PER_4X},
         "assertions": checks,
         "wall_time_s": {"total": wall, "part_a": time_a, "part_b": time_b},
         "load_average_1min": {"start": load0, "end": os.getloadavg()[0]},
@@ -401,12 +445,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     print(f"(a) deep linear MLP, m={cfg_a['m']} d={cfg_a['d']} L={cfg_a['depth']}, "
           f"eta_inf = {a['eta_inf']:.4f}")
-    print(f"{'width':>6} {'muP eta*':>9} {'muP |dev|':>10} {'SP eta*':>9}")
-    for rm, rs in zip(a["mup"], a["sp"], strict=True):
+    print(f"{'width':>6} {'muP eta*':>9} {'muP |dev|':>10} {'SP eta*':>9} {'NTP eta*':>9} "
+          f"{'NTP spread':>10}")
+    for rm, rs, rn in zip(a["mup"], a["sp"], a["ntp"], strict=True):
+        spread = np.std(rn["eta_opt"]) / rn["eta_opt_mean"]
         print(f"{rm['width']:>6} {rm['eta_opt_mean']:>9.4f} {rm['rel_dev_mean']:>10.4f} "
-              f"{rs['eta_opt_mean']:>9.5f}")
+              f"{rs['eta_opt_mean']:>9.5f} {rn['eta_opt_mean']:>9.4f} {spread:>10.3f}")
     print(f"(b) ReLU MLP LR sweep, best LR per width {b['widths']}: "
-          f"muP {list(b['mup']['best_lr'].values())}, SP {list(b['sp']['best_lr'].values())}")
+          f"muP {list(b['mup']['best_lr'].values())}, SP {list(b['sp']['best_lr'].values())}, "
+          f"NTP {list(b['ntp']['best_lr'].values())}")
     for name, ok in checks.items():
         print(f"  {'PASS' if ok else 'FAIL'}  {name}")
     print(f"wall time {wall:.1f} s (a {time_a:.1f} s, b {time_b:.1f} s), load {load0:.2f}")
