@@ -82,8 +82,9 @@ def config(task: str, quick: bool) -> SweepConfig:
     return SweepConfig(**kw)
 
 
-def derived(runs: list[Run], quantity: str) -> list[Run]:
-    """Runs whose one metric ``quantity`` is a scalar series derived from the logged ones."""
+def derived(runs: list[Run], quantity: str, metric: str = "sharpness_lr") -> list[Run]:
+    """Runs whose one metric ``quantity`` is a scalar series derived from the logged ones
+    (``"sharpness"`` is ``metric``)."""
     out = []
     for r in runs:
         if quantity == "ntk_top":
@@ -92,83 +93,96 @@ def derived(runs: list[Run], quantity: str) -> list[Run]:
         elif quantity == "loss":
             m = r.metrics["loss"]
         else:
-            m = r.metrics["sharpness_lr"]
+            m = r.metrics[metric]
         out.append(Run(r.path, r.config, {quantity: m}, r.attrs, r.env))
     return out
 
 
-def summarize(runs: list[Run]) -> dict[str, Any]:
+def summarize(runs: list[Run], *, by: str = "width", test: str = "mup", control: str = "ntp",
+              metric: str = "sharpness_lr", skip: int = 0) -> dict[str, Any]:
+    """Gaps of the sharpness (``metric``), the loss and the NTK's top eigenvalue to the widest
+    (deepest) run, for the parametrization under ``test`` and its ``control``, in the early and
+    late windows before the EoS; steps below ``skip`` are left out."""
     thr = {p: next(r for r in runs if r.config["parametrization"] == p)
-           .metrics["sharpness_lr"].threshold for p in ("mup", "ntp")}
-    sharp = cl.super_consistency(runs, metric="sharpness_lr", window=1).groups["mup"]
-    level = sharp.values[-1] / thr["mup"]  # the widest muP run, seed mean, over threshold
-    reached = np.flatnonzero(level >= EOS_LEVEL)
+           .metrics[metric].threshold for p in (test, control)}
+    sharp = cl.super_consistency(derived(runs, "sharpness", metric), metric="sharpness", by=by,
+                                 window=1).groups[test]
+    level = sharp.values[-1] / thr[test]  # the widest (deepest) run, seed mean, over threshold
+    reached = np.flatnonzero((level >= EOS_LEVEL) & (sharp.steps >= skip))
     eos_step = int(sharp.steps[reached[0]]) if reached.size else None
+    end = "widest" if by == "width" else "deepest"
     out: dict[str, Any] = {"eos_step": eos_step, "threshold": thr,
-                           "mup_widest_max_over_threshold": float(level.max()), "gaps": {}}
+                           f"{test}_{end}_max_over_threshold": float(level[sharp.steps >= skip]
+                                                                     .max()), "gaps": {}}
     for q in QUANTITIES:
-        sc = cl.super_consistency(derived(runs, q), metric=q, window=1)
+        sc = cl.super_consistency(derived(runs, q, metric), metric=q, by=by, window=1)
         gaps: dict[str, Any] = {}
         for par, g in sc.groups.items():
-            before = g.steps < (eos_step if eos_step is not None else np.inf)
+            before = (g.steps < (eos_step if eos_step is not None else np.inf)) & (g.steps >= skip)
             windows = {"early": before & (g.steps < EARLY), "late": before & (g.steps >= EARLY)}
             with np.errstate(invalid="ignore"):
                 gaps[par] = {k: float(np.mean(g.gaps[:-1][:, w])) if w.any() else None
                              for k, w in windows.items()}
-            gaps[par]["per_width_early"] = {
+            gaps[par][f"per_{by}_early"] = {
                 str(int(wd)): float(np.mean(g.gaps[i, windows["early"]]))
                 for i, wd in enumerate(g.widths[:-1])} if windows["early"].any() else {}
         for k in ("early", "late"):
-            a, b = gaps["mup"][k], gaps["ntp"][k]
-            gaps[f"ratio_ntp_over_mup_{k}"] = b / a if a and b is not None else None
+            a, b = gaps[test][k], gaps[control][k]
+            gaps[f"ratio_{control}_over_{test}_{k}"] = b / a if a and b is not None else None
         out["gaps"][q] = gaps
-    out["sharpening_exponent"] = {p: sharpening_exponent(runs, p, eos_step) for p in thr}
+    out["sharpening_exponent"] = {p: sharpening_exponent(runs, p, eos_step, by, metric, skip)
+                                  for p in thr}
     return out
 
 
-def sharpening_exponent(runs: list[Run], par: str, eos_step: int | None) -> dict[str, Any]:
-    """Each run's rise ``(lambda(t) - lambda(0)) / (2 / eta)`` at the last step measured before
-    the EoS, fitted as a power of width (``cl.fit_exponent``, intervals over seeds)."""
+def sharpening_exponent(runs: list[Run], par: str, eos_step: int | None, by: str = "width",
+                        metric: str = "sharpness_lr", skip: int = 0) -> dict[str, Any]:
+    """Each run's rise ``(lambda(t) - lambda(skip)) / threshold`` at the last step measured
+    before the EoS, fitted as a power of width or depth (``cl.fit_exponent``, intervals over
+    seeds)."""
     members = [r for r in runs if r.config["parametrization"] == par]
-    m0 = members[0].metrics["sharpness_lr"]
+    m0 = members[0].metrics[metric]
     last = m0.step[m0.step < (eos_step if eos_step is not None else np.inf)][-1]
-    widths = sorted({int(r.config["width"]) for r in members})
-    rise = np.array([[float(m.value[m.step == last][0] - m.value[0]) / m.threshold
-                      for r in members if r.config["width"] == w
-                      for m in [r.metrics["sharpness_lr"]]] for w in widths]).T  # (seeds, W)
-    out: dict[str, Any] = {"step": int(last), "widths": widths,
+    points = sorted({int(r.config[by]) for r in members})
+    rise = np.array([[float(m.value[m.step == last][0] - m.value[m.step >= skip][0])
+                      / m.threshold for r in members if r.config[by] == w
+                      for m in [r.metrics[metric]]] for w in points]).T  # (seeds, points)
+    out: dict[str, Any] = {"step": int(last), by + "s": points,
                            "rise_seed_mean": rise.mean(0).tolist()}
-    if (rise > 0).all() and len(widths) > 1:
-        out.update(cl.fit_exponent(np.array(widths), rise).as_dict())
+    if (rise > 0).all() and len(points) > 1:
+        out.update(cl.fit_exponent(np.array(points), rise).as_dict())
     return out
 
 
-def plot(runs_by_task: dict[str, list[Run]], results: dict[str, Any], path: Path) -> None:
+def plot(runs_by_task: dict[str, list[Run]], results: dict[str, Any], path: Path, title: str, *,
+         by: str = "width", test: str = "mup", control: str = "ntp",
+         metric: str = "sharpness_lr", skip: int = 0) -> None:
     fig, axes = plt.subplots(len(runs_by_task), 4, figsize=(15, 3.5 * len(runs_by_task)),
                              squeeze=False, constrained_layout=True)
     cmap = plt.get_cmap("viridis")
     for row, (task, runs) in enumerate(runs_by_task.items()):
-        panels = [("mup", "sharpness"), ("ntp", "sharpness"), ("mup", "loss"), ("ntp", "loss")]
+        panels = [(test, "sharpness"), (control, "sharpness"), (test, "loss"), (control, "loss")]
         for ax, (par, q) in zip(axes[row], panels, strict=True):
-            g = cl.super_consistency(derived(runs, q), metric=q, window=1).groups[par]
+            g = cl.super_consistency(derived(runs, q, metric), metric=q, by=by,
+                                     window=1).groups[par]
+            shown = g.steps >= skip
             for i, w in enumerate(g.widths):
-                ax.plot(g.steps, g.values[i], color=cmap(0.1 + 0.75 * i / (len(g.widths) - 1
-                                                                              or 1)),
-                        lw=1.5, label=f"width {int(w)}")
+                ax.plot(g.steps[shown], g.values[i][shown],
+                        color=cmap(0.1 + 0.75 * i / (len(g.widths) - 1 or 1)), lw=1.5,
+                        label=f"{by} {int(w)}")
             gap = results[task]["gaps"][q][par]["early"]
             ax.set_title(f"{task}: {par}, {q} (early gap {gap:.3f})" if gap is not None
                          else f"{task}: {par}, {q}", fontsize=9)
             if q == "sharpness":
                 ax.axhline(results[task]["threshold"][par], color="crimson", ls="--", lw=1,
-                           label="2/eta")
-            else:
+                           label="EoS threshold")
+            if q == "loss" or (q == "sharpness" and np.ptp(np.log(np.abs(g.values[:, shown])
+                                                                  + 1e-300)) > 3):
                 ax.set_yscale("log")
-            ax.set_xlabel("GD step")
+            ax.set_xlabel("step")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7, frameon=False)
-    fracs = ", ".join(f"{t} {v['lr_fraction']:g}" for t, v in TASKS.items())
-    fig.suptitle("Before the edge of stability: LR-preconditioned sharpness and loss per width "
-                 f"(seed mean), eta = fraction x 2/lambda_0 ({fracs})", fontsize=10)
+    fig.suptitle(title, fontsize=10)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -188,7 +202,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                  == p).config["lr"]) for p in ("mup", "ntp")}
             settings[task] = {k: (list(v) if isinstance(v, tuple) else v)
                               for k, v in vars(cfg).items()}
-        plot(runs_by_task, results, args.out / f"{NAME}.png")
+        fracs = ", ".join(f"{t} {v['lr_fraction']:g}" for t, v in TASKS.items())
+        plot(runs_by_task, results, args.out / f"{NAME}.png",
+             "Before the edge of stability: LR-preconditioned sharpness and loss per width (seed "
+             f"mean), eta = fraction x 2/lambda_0 ({fracs})")
     assertions = {}
     for task, res in results.items():
         gaps, rise = res["gaps"], res["sharpening_exponent"]
