@@ -48,6 +48,7 @@ from curvlab.preconditioning import Preconditioned, adam_scales, lr_scales, prec
 from curvlab.runs import Metric, Run, load_run, load_runs
 from curvlab.scaling import Exponent, fit_exponent
 from curvlab.sharpness import sharpness
+from curvlab.update_budget import MaximalUpdateLR, maximal_update_lr
 
 __version__ = "0.1.0"
 
@@ -66,6 +67,7 @@ __all__ = [
     "HessianOperator",
     "HessianSpectrum",
     "Loss",
+    "MaximalUpdateLR",
     "Metric",
     "Monitor",
     "MuP",
@@ -103,6 +105,7 @@ __all__ = [
     "load_run",
     "load_runs",
     "lr_scales",
+    "maximal_update_lr",
     "models",
     "ntk_eigenvalues",
     "plot_lr_sweep",
