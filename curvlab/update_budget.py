@@ -13,7 +13,7 @@ budget ``B``:
     ``eta* = sqrt(B / avg_l s_l)``.
 
 ``avg`` is the arithmetic mean over layers (``average="mean"``, the network-wide average of the
-arithmetic-mean muP rule of Zhang et al. 2025, arXiv:2510.04327, continued by Zhang et al. 2026,
+arithmetic-mean muP rule of Zhang et al. 2025, arXiv:2510.04327, continued by Wu et al. 2026,
 arXiv:2602.07494, whose depth law ``eta* ~ L_eff^(-3/2)`` it yields when ``s_l`` grows like
 ``l^3``), or the sum (``average="sum"``). ``J_l u`` is exact first order (one JVP, through
 :func:`curvlab.feature_speed`), so ``S_l(eta)`` is the change a real step of size ``eta`` makes
