@@ -39,6 +39,7 @@ from curvlab.linalg import (
     lanczos,
     power_iteration,
     spectral_density,
+    subspace_eigs,
 )
 from curvlab.models import NTP, SP, DepthMuP, MuP, effective_depth, interpolated, transfer_lr
 from curvlab.ntk import NTKOperator, empirical_ntk, ntk_eigenvalues
@@ -115,6 +116,7 @@ __all__ = [
     "relative_change",
     "sharpness",
     "spectral_density",
+    "subspace_eigs",
     "super_consistency",
     "sweep_report",
     "testing",

@@ -9,6 +9,7 @@ from curvlab.linalg.power import power_iteration
 from curvlab.linalg.results import ConvergenceError, EigResult, SpectralDensity, TraceResult
 from curvlab.linalg.slq import spectral_density
 from curvlab.linalg.trace import hutchinson_trace, hutchpp_trace
+from curvlab.linalg.tracking import subspace_eigs
 
 __all__ = [
     "ConvergenceError",
@@ -20,4 +21,5 @@ __all__ = [
     "lanczos",
     "power_iteration",
     "spectral_density",
+    "subspace_eigs",
 ]

@@ -41,15 +41,18 @@ def synced(t: Tensor, A: Any) -> Tensor:
 
 
 class Matvec:
-    """``A @ V`` in A's dtype with results in float64, counted per column and checked finite."""
+    """``A @ V`` in A's dtype and on A's device, counted per column and checked finite; results
+    in ``dtype`` (default float64) on ``device`` (default A's)."""
 
-    def __init__(self, A: Any, call: str) -> None:
+    def __init__(self, A: Any, call: str, dtype: torch.dtype = torch.float64,
+                 device: torch.device | None = None) -> None:
         self.A, self.call, self.count = A, call, 0
+        self.dtype, self.device = dtype, torch.device(A.device) if device is None else device
 
     def __call__(self, V: Tensor, iteration: int) -> Tensor:
-        out = self.A @ V.to(self.A.dtype)  # (P,) or (P, m)
+        out = self.A @ V.to(device=self.A.device, dtype=self.A.dtype)  # (P,) or (P, m)
         self.count += 1 if V.ndim == 1 else V.shape[1]
         if not torch.isfinite(out.sum()) and not torch.isfinite(out).all():  # cheap test first
             raise ValueError(f"{self.call}: the product at iteration {iteration} is not finite; "
                              "check the operator (e.g. the loss at these parameters)")
-        return out.to(torch.float64)
+        return out.to(device=self.device, dtype=self.dtype)

@@ -25,10 +25,17 @@ value is off by up to the cluster's width (never more) while ``r_i^2 / gap_i`` l
 Where such clusters matter and ``tol`` is below their width, pass ``bound="residual"``, which stops
 on the rigorous ``r_i`` alone (more products, as eigsh).
 
-Memory: the basis is kept in float64 (the tridiagonal and reorthogonalization arithmetic too, even
-for a float32 operator): ``8 P m`` bytes for ``m`` iterations, plus one product's workspace. The
-buffer is reserved for ``max_iters`` rows up front (on a GPU that much is allocated; on a CPU only
-the rows used are touched), so keep ``max_iters`` near what is needed for very large ``P``.
+Memory: by default the basis and the recurrence's work vectors are float64 on the operator's
+device, ``8 P (m + 3)`` bytes after ``m`` iterations, plus one product's workspace. Each basis
+vector is allocated when its step runs, so ``max_iters`` reserves nothing. For a large model pass
+``basis_dtype=torch.float32`` (``4 P`` bytes per iteration; measured in
+``benchmarks/lanczos_memory.py``: at most ``(m + 4) 4 P`` bytes besides the product) and/or
+``basis_device="cpu"`` (the basis in host memory, one vector copied each way per product). The
+tridiagonal ``T`` and its eigenproblem stay in float64 either way. What a float32 basis costs: the
+basis is orthonormal to about ``m eps_32`` (``eps_32 = 1.2e-7``) instead of ``m eps_64``, so
+Ritz values carry a relative error of about ``eps_32`` and residuals below ``eps_32 ||A||`` are
+not resolved; no bound below that is claimed (as for a float32 operator), and tolerances down to
+about ``1e-5`` are met as in float64 (tested on the zoo).
 
 Example:
     >>> import torch
@@ -57,44 +64,51 @@ WHICH = ("LA", "SA", "LM", "BE")
 class KrylovBasis:
     """The Lanczos recurrence with full reorthogonalization (classical Gram-Schmidt, twice).
 
-    After ``m`` steps: the rows ``Q[:m]`` are orthonormal (rows, so that a step touches only its
-    own row and reads one contiguous block), ``alpha (m,)`` and ``beta (m,)`` with ``beta[-1]`` the
-    norm of the next residual (0 after a breakdown, i.e. an invariant subspace).
+    After ``m`` steps: ``rows`` holds ``m`` orthonormal vectors ``(P,)`` in the basis dtype on the
+    basis device (each allocated when its step runs, so memory grows with the steps taken, not
+    with ``max_iters``), ``alpha (m,)`` and ``beta (m,)`` with ``beta[-1]`` the norm of the next
+    residual (0 after a breakdown, i.e. an invariant subspace). The recurrence's work vectors
+    are in the basis dtype too; ``alpha`` and ``beta`` are float64.
     """
 
-    def __init__(self, matvec: Matvec, q0: Tensor, capacity: int, *, check_symmetry: bool) -> None:
-        P = q0.shape[0]
+    def __init__(self, matvec: Matvec, q0: Tensor, *, check_symmetry: bool) -> None:
         self.matvec, self.check_symmetry = matvec, check_symmetry
-        self.Q = torch.empty(capacity, P, dtype=torch.float64, device=q0.device)  # (capacity, P)
+        self.rows: list[Tensor] = []
         self.alpha: list[float] = []
         self.beta: list[float] = []
+        q0 = q0.to(device=matvec.device, dtype=matvec.dtype)  # (P,)
         self.next_q: Tensor | None = q0 / q0.norm()  # (P,)
         self.scale = 0.0  # running estimate of ||A||
         # beta below this fraction of ||A|| is a breakdown: 100 eps for float32 and float64;
         # for bfloat16 and float16, whose eps is large (8e-3, 1e-3), 0.5 sqrt(eps) (about 6 and
         # 16 eps), still well above the rounding of one product.
-        eps = torch.finfo(matvec.A.dtype).eps
+        eps = max(torch.finfo(matvec.A.dtype).eps, torch.finfo(matvec.dtype).eps)
         self.breakdown_tol = min(100 * eps, 0.5 * math.sqrt(eps))
 
     @property
     def m(self) -> int:
         return len(self.alpha)
 
+    def project_out(self, w: Tensor) -> list[float]:
+        """``w -= sum_i (q_i . w) q_i`` in place over the rows; returns the coefficients."""
+        c = torch.stack([torch.dot(q, w) for q in self.rows]).tolist()  # (m,)
+        for q, ci in zip(self.rows, c, strict=True):
+            w.add_(q, alpha=-ci)
+        return c
+
     def step(self) -> bool:
         """One Lanczos step; returns False on breakdown (``beta`` below the noise level)."""
         m = self.m
-        assert self.next_q is not None
-        self.Q[m] = self.next_q
+        if self.next_q is None:
+            raise RuntimeError("KrylovBasis.step: no next vector (call restart after a breakdown)")
+        self.rows.append(self.next_q)
         w = self.matvec(self.next_q, m)  # (P,)
         w_norm = float(w.norm())
-        Qm = self.Q[: m + 1]  # (m + 1, P)
-        c = Qm @ w  # (m + 1,)
-        w = w - Qm.T @ c
+        c = self.project_out(w)
         if self.check_symmetry and m == 1:
-            self._check_symmetry(float(c[0]), w_norm)
-        c2 = Qm @ w  # (m + 1,), the second pass
-        w = w - Qm.T @ c2
-        alpha = float(c[m] + c2[m])
+            self._check_symmetry(c[0], w_norm)
+        c2 = self.project_out(w)  # the second pass
+        alpha = c[m] + c2[m]
         beta = float(w.norm())
         self.alpha.append(alpha)
         self.scale = max(self.scale, abs(alpha), beta, w_norm)
@@ -103,7 +117,7 @@ class KrylovBasis:
             self.next_q = None
             return False
         self.beta.append(beta)
-        self.next_q = w / beta
+        self.next_q = w.div_(beta)
         return True
 
     def _check_symmetry(self, q0_A_q1: float, scale: float) -> None:
@@ -117,16 +131,26 @@ class KrylovBasis:
 
     def restart(self, generator: torch.Generator | None) -> bool:
         """After a breakdown, continue with a random vector orthogonal to the basis."""
-        P, m = self.Q.shape[1], self.m
+        P, m = self.rows[0].shape[0], self.m
         if m >= P:
             return False
         z = random_vectors(P, 1, self.matvec.A, generator)[:, 0]  # (P,)
+        z = z.to(device=self.matvec.device, dtype=self.matvec.dtype)
         for _ in range(2):
-            z = z - self.Q[:m].T @ (self.Q[:m] @ z)
+            self.project_out(z)
         if float(z.norm()) < 1e-8:
             return False
         self.next_q = z / z.norm()
         return True
+
+    def combine(self, S: np.ndarray) -> Tensor:
+        """``Q^T S (P, j)`` for ``S (m, j)``: Ritz vectors from eigenvectors of ``T``."""
+        S_t = torch.as_tensor(S, dtype=self.matvec.dtype, device=self.matvec.device)  # (m, j)
+        X = torch.zeros(self.rows[0].shape[0], S.shape[1], dtype=self.matvec.dtype,
+                        device=self.matvec.device)  # (P, j)
+        for q, s in zip(self.rows, S_t, strict=True):
+            X.addr_(q, s)
+        return X
 
     def ritz(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Ritz values ``(m,)``, eigenvectors of ``T`` ``(m, m)`` and residuals ``(m,)``."""
@@ -198,6 +222,9 @@ def lanczos(
     check_symmetry: bool = True,
     throw: bool = False,
     bound: str = "gap",
+    basis_dtype: torch.dtype = torch.float64,
+    basis_device: torch.device | str | None = None,
+    keep: int = 0,
 ) -> EigResult:
     """``k`` eigenpairs of a symmetric operator ``A (P, P)`` by Lanczos.
 
@@ -217,6 +244,12 @@ def lanczos(
         throw: raise :class:`ConvergenceError` instead of returning ``converged=False``.
         bound: ``"gap"`` stops on ``min(r, r^2 / gap)``; ``"residual"`` on the rigorous ``r``
             alone (for clusters narrower than the tolerance, see the module docstring).
+        basis_dtype: dtype of the Krylov basis and the work vectors, float64 (default) or
+            float32 (half the memory; accuracy as in the module docstring).
+        basis_device: where the basis lives (default the operator's device); ``"cpu"`` keeps it
+            in host memory for an operator on a GPU. The eigenvectors are returned there.
+        keep: also return the ``keep`` leading Ritz vectors (in ``which`` order) as
+            ``ritz_vectors (P, keep)``, the warm block of :func:`~curvlab.linalg.subspace_eigs`.
 
     Returns:
         :class:`EigResult` with ``eigenvalues (k,)``, ``eigenvectors (P, k)`` and residuals.
@@ -228,13 +261,20 @@ def lanczos(
     check_arguments(P, k, tol, call)
     if bound not in ("gap", "residual"):
         raise ValueError(f"{call}: bound must be 'gap' or 'residual', got {bound!r}")
+    if basis_dtype not in (torch.float64, torch.float32):
+        raise ValueError(f"{call}: basis_dtype must be torch.float64 or torch.float32, got "
+                         f"{basis_dtype}")
+    if not 0 <= keep <= P:
+        raise ValueError(f"{call}: keep must satisfy 0 <= keep <= P = {P}, got {keep}")
     max_iters = min(P, max(100, 10 * k + 50)) if max_iters is None else min(int(max_iters), P)
-    matvec = Matvec(A, call)
-    basis = KrylovBasis(matvec, start_vector(v0, P, A, generator, call), max_iters,
+    device = torch.device(A.device if basis_device is None else basis_device)
+    matvec = Matvec(A, call, basis_dtype, device)
+    basis = KrylovBasis(matvec, start_vector(v0, P, A, generator, call),
                         check_symmetry=check_symmetry)
-    # Products in lower precision carry rounding of about eps * ||A||: no residual or eigenvalue
-    # error is claimed below that (in float64 the tridiagonal residuals are already truthful).
-    noise = 0.0 if A.dtype == torch.float64 else torch.finfo(A.dtype).eps
+    # Products (or a basis) in lower precision carry rounding of about eps * ||A||: no residual or
+    # eigenvalue error is claimed below that (in float64 the tridiagonal residuals are truthful).
+    low = [t for t in (A.dtype, basis_dtype) if t != torch.float64]
+    noise = max((torch.finfo(t).eps for t in low), default=0.0)
     while True:
         alive = basis.step()
         theta, S, residuals = basis.ritz()
@@ -252,15 +292,16 @@ def lanczos(
     if theta.size < k:
         wanted = select(theta, theta.size, which)
         bounds = np.maximum(error_bounds(theta, residuals, wanted, bound), noise * basis.scale)
-    X = basis.Q[: basis.m].T @ torch.as_tensor(S[:, wanted], device=basis.Q.device)  # (P, k)
+    X = basis.combine(S[:, wanted])  # (P, k)
     rel = float(np.max(bounds / np.maximum(np.abs(theta[wanted]), 1e-300)))
     message = (f"converged: {len(wanted)} eigenvalues to relative accuracy {rel:.1e} <= tol "
                f"{tol:g} in {matvec.count} products" if converged else
                f"not converged after {basis.m} iterations ({matvec.count} products): relative "
                f"error bound {rel:.1e} > tol {tol:g}; raise max_iters (now {max_iters}), loosen "
                "tol, or warm-start with v0 = the previous eigenvectors"
-               + (f" ({A.dtype} products limit the accuracy to about {noise:.0e} relative to "
-                  "||A||; use float64 for more)" if noise and tol < 10 * noise else ""))
+               + (f" (float32 products or basis limit the accuracy to about {noise:.0e} "
+                  "relative to ||A||; use float64 for more)" if noise and tol < 10 * noise
+                  else ""))
     if not converged and throw:
         raise ConvergenceError(f"{call}: {message}")
     return EigResult(
@@ -271,4 +312,6 @@ def lanczos(
         num_matvecs=matvec.count,
         converged=converged,
         message=message,
+        ritz_vectors=basis.combine(S[:, select(theta, min(keep, theta.size), which)])
+        if keep else None,
     )

@@ -26,6 +26,9 @@ class EigResult:
         num_matvecs: products with the operator, counted per vector.
         converged: whether every bound is within ``tol * |theta_i|``.
         message: what happened, and what to do when not converged.
+        ritz_vectors: ``(P, keep)`` float64 (or the basis dtype) leading Ritz vectors, the next
+            call's warm block, when asked for (``keep=`` of ``lanczos``; always from
+            :func:`~curvlab.linalg.subspace_eigs`), else ``None``.
     """
 
     eigenvalues: Tensor
@@ -35,6 +38,7 @@ class EigResult:
     num_matvecs: int
     converged: bool
     message: str
+    ritz_vectors: Tensor | None = None
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,7 @@ def spectral_density(
     nodes = np.zeros((num_probes, num_iters))
     weights = np.zeros((num_probes, num_iters))
     for p in range(num_probes):
-        basis = KrylovBasis(matvec, probes[:, p], num_iters, check_symmetry=p == 0)
+        basis = KrylovBasis(matvec, probes[:, p], check_symmetry=p == 0)
         while basis.m < num_iters and basis.step():
             pass
         theta, S, _ = basis.ritz()
