@@ -25,17 +25,19 @@ value is off by up to the cluster's width (never more) while ``r_i^2 / gap_i`` l
 Where such clusters matter and ``tol`` is below their width, pass ``bound="residual"``, which stops
 on the rigorous ``r_i`` alone (more products, as eigsh).
 
-Memory: by default the basis and the recurrence's work vectors are float64 on the operator's
-device, ``8 P (m + 3)`` bytes after ``m`` iterations, plus one product's workspace. Each basis
-vector is allocated when its step runs, so ``max_iters`` reserves nothing. For a large model pass
-``basis_dtype=torch.float32`` (``4 P`` bytes per iteration; measured in
-``benchmarks/lanczos_memory.py``: at most ``(m + 4) 4 P`` bytes besides the product) and/or
-``basis_device="cpu"`` (the basis in host memory, one vector copied each way per product). The
-tridiagonal ``T`` and its eigenproblem stay in float64 either way. What a float32 basis costs: the
-basis is orthonormal to about ``m eps_32`` (``eps_32 = 1.2e-7``) instead of ``m eps_64``, so
-Ritz values carry a relative error of about ``eps_32`` and residuals below ``eps_32 ||A||`` are
-not resolved; no bound below that is claimed (as for a float32 operator), and tolerances down to
-about ``1e-5`` are met as in float64 (tested on the zoo).
+Memory: the basis and the recurrence's work vectors are in ``basis_dtype`` (float64 by default)
+on ``basis_device`` (the operator's by default). While iterating, ``m + 1`` vectors ``(P,)`` are
+held after ``m`` steps (the basis and the next residual); forming the ``k`` eigenvectors at the
+end holds ``m + k`` (each basis vector is released once added in). Each basis vector is allocated
+when its step runs, so ``max_iters`` reserves nothing. Besides that: one product's workspace. For
+a large model pass ``basis_dtype=torch.float32`` (``4 P`` bytes per vector, half of float64;
+measured in ``benchmarks/lanczos_memory.py``) and/or ``basis_device="cpu"`` (the basis in host
+memory, one vector copied each way per product). The tridiagonal ``T`` and its eigenproblem stay
+in float64 either way. What a float32 basis costs: it is orthonormal to about ``m eps_32``
+(``eps_32 = 1.2e-7``) instead of ``m eps_64``, so Ritz values carry a relative error of about
+``eps_32`` and residuals below ``eps_32 ||A||`` are not resolved; no bound below that is claimed
+(as for a float32 operator), and tolerances down to ``1e-5`` are met as in float64 (tested on the
+zoo).
 
 Example:
     >>> import torch
@@ -144,12 +146,17 @@ class KrylovBasis:
         return True
 
     def combine(self, S: np.ndarray) -> Tensor:
-        """``Q^T S (P, j)`` for ``S (m, j)``: Ritz vectors from eigenvectors of ``T``."""
+        """``Q^T S (P, j)`` for ``S (m, j)``: Ritz vectors from eigenvectors of ``T``.
+
+        Consumes the basis: each row is released once added in, so that the peak is ``m + j``
+        vectors, not ``m + j + 1``.
+        """
         S_t = torch.as_tensor(S, dtype=self.matvec.dtype, device=self.matvec.device)  # (m, j)
+        self.next_q = None
         X = torch.zeros(self.rows[0].shape[0], S.shape[1], dtype=self.matvec.dtype,
                         device=self.matvec.device)  # (P, j)
-        for q, s in zip(self.rows, S_t, strict=True):
-            X.addr_(q, s)
+        for s in S_t:
+            X.addr_(self.rows.pop(0), s)
         return X
 
     def ritz(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -292,7 +299,8 @@ def lanczos(
     if theta.size < k:
         wanted = select(theta, theta.size, which)
         bounds = np.maximum(error_bounds(theta, residuals, wanted, bound), noise * basis.scale)
-    X = basis.combine(S[:, wanted])  # (P, k)
+    kept = select(theta, min(keep, theta.size), which)
+    X = basis.combine(np.concatenate([S[:, wanted], S[:, kept]], axis=1))  # (P, k + keep)
     rel = float(np.max(bounds / np.maximum(np.abs(theta[wanted]), 1e-300)))
     message = (f"converged: {len(wanted)} eigenvalues to relative accuracy {rel:.1e} <= tol "
                f"{tol:g} in {matvec.count} products" if converged else
@@ -306,12 +314,11 @@ def lanczos(
         raise ConvergenceError(f"{call}: {message}")
     return EigResult(
         eigenvalues=torch.as_tensor(theta[wanted].copy()),
-        eigenvectors=X.to(A.dtype),
+        eigenvectors=X[:, : len(wanted)].to(A.dtype),
         residuals=torch.as_tensor(residuals[wanted].copy()),
         error_bounds=torch.as_tensor(bounds),
         num_matvecs=matvec.count,
         converged=converged,
         message=message,
-        ritz_vectors=basis.combine(S[:, select(theta, min(keep, theta.size), which)])
-        if keep else None,
+        ritz_vectors=X[:, len(wanted):] if keep else None,
     )
