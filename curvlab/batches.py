@@ -142,6 +142,27 @@ def take_batch(batch: Batch, stop: int) -> Batch:
     return take(inputs, stop, n), take(targets, stop, n)
 
 
+def first_examples(data: Any, size: int, call: str) -> list[Batch]:
+    """The batches of ``data`` cut to its first ``size`` examples in order (a fixed subset).
+
+    Raises ``ValueError`` if ``data`` holds fewer than ``size`` examples.
+    """
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"{call}: probe_size must be a positive int, got {size!r}")
+    batches, _ = as_batches(data, call)
+    out: list[Batch] = []
+    left = size
+    for batch in batches:
+        inputs, _ = batch
+        n = batch_size(inputs)
+        out.append(batch if n <= left else take_batch(batch, left))
+        left -= min(n, left)
+        if left == 0:
+            return out
+    raise ValueError(f"{call}: probe_size={size} but the probe holds {size - left} examples; "
+                     "pass a smaller probe_size or a larger probe")
+
+
 def is_batch(data: Any) -> bool:
     """Whether ``data`` is one ``(inputs, targets)`` pair rather than a sequence of batches.
 

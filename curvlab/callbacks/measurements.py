@@ -23,6 +23,7 @@ from curvlab.batches import (
     as_batches,
     batch_weight,
     call_model,
+    first_examples,
     pick_output,
     take_batch,
 )
@@ -30,12 +31,13 @@ from curvlab.callbacks.monitor import Context, Measurement, Record
 from curvlab.features import feature_change, feature_speed
 from curvlab.func import forward_context, unwrap_compiled
 from curvlab.kernel_metrics import kernel_alignment, kernel_distance
-from curvlab.linalg import hutchpp_trace, lanczos, spectral_density
+from curvlab.linalg import hutchpp_trace, lanczos, spectral_density, subspace_eigs
 from curvlab.ntk import empirical_ntk
 from curvlab.operators import HessianOperator
 from curvlab.preconditioning import adam_scales, lr_scales, preconditioned
 
 PRECONDITIONERS = (None, "lr", "adam")
+TRACKING_TOL = 1e-3  # the default relative accuracy of Sharpness and HessianSpectrum
 
 
 def resolve_blocks(model: nn.Module, blocks: Any, call: str) -> dict[str, list[str]]:
@@ -171,16 +173,41 @@ class Loss(Measurement):
 
 
 class _HessianMeasurement(Measurement):
+    """Shared by :class:`Sharpness` and :class:`HessianSpectrum`: the operator on the probe (or
+    its first ``probe_size`` examples), preconditioned by ``kind``, and the top-``k`` search
+    warm-started from the previous measurement's ``warm_vectors`` leading Ritz vectors."""
+
     def __init__(self, *, k: int, tol: float, max_iters: int | None, blocks: Any,
-                 preconditioned: str | None, **schedule: Any) -> None:
+                 preconditioned: str | None, warm_start: bool = True,
+                 warm_vectors: int | None = None, probe_size: int | None = None,
+                 **schedule: Any) -> None:
         super().__init__(**schedule)
+        call = type(self).__name__
         if preconditioned not in PRECONDITIONERS:
-            raise ValueError(f"{type(self).__name__}: preconditioned must be one of "
-                             f"{PRECONDITIONERS}, got {preconditioned!r}")
+            raise ValueError(f"{call}: preconditioned must be one of {PRECONDITIONERS}, got "
+                             f"{preconditioned!r}")
+        warm_vectors = k + 1 if warm_vectors is None else warm_vectors
+        if isinstance(warm_vectors, bool) or not isinstance(warm_vectors, int) \
+                or warm_vectors < k:
+            raise ValueError(f"{call}: warm_vectors must be an int >= k = {k} (the previous "
+                             f"Ritz vectors that start the next measurement), got "
+                             f"{warm_vectors!r}")
+        if probe_size is not None and (isinstance(probe_size, bool)
+                                       or not isinstance(probe_size, int) or probe_size < 1):
+            raise ValueError(f"{call}: probe_size must be a positive int or None, got "
+                             f"{probe_size!r}")
         self.k, self.tol, self.max_iters = k, tol, max_iters
         self.blocks, self.kind = blocks, preconditioned
-        self._previous: Any = None  # eigenvectors of the last measurement (warm start)
+        self.warm_start, self.warm_vectors, self.probe_size = warm_start, warm_vectors, probe_size
+        self._previous: Any = None  # (P, warm_vectors) Ritz vectors of the last measurement
         self.num_matvecs: list[int] = []
+
+    def probe(self, ctx: Context) -> Any:
+        """The probe measured on: the Monitor's, or its first ``probe_size`` examples."""
+        if self.probe_size is None:
+            return ctx.probe
+        batches = first_examples(ctx.probe, self.probe_size, type(self).__name__)
+        return batches[0] if len(batches) == 1 else batches
 
     def setup(self, ctx: Context) -> None:
         if self.kind is not None and ctx.optimizer is None:
@@ -191,7 +218,7 @@ class _HessianMeasurement(Measurement):
             self._blocks = resolve_blocks(ctx.model, self.blocks, type(self).__name__)
 
     def operator(self, ctx: Context, params: list[str] | None = None) -> Any:
-        H: Any = HessianOperator(ctx.model, ctx.loss_fn, ctx.probe, params=params,
+        H: Any = HessianOperator(ctx.model, ctx.loss_fn, self.probe(ctx), params=params,
                                  output=ctx.output, weights=ctx.weights)
         scales = _scales(self.kind, ctx.optimizer, ctx.model, type(self).__name__)
         if scales is not None:
@@ -209,14 +236,26 @@ class _HessianMeasurement(Measurement):
         return self.kind != "adam" or bool(ctx.optimizer is not None and ctx.optimizer.state)
 
     def top(self, ctx: Context) -> Any:
+        """Top-``k`` eigenpairs: from the previous Ritz vectors by
+        :func:`~curvlab.linalg.subspace_eigs` when there are any (and ``warm_start``), else by
+        Lanczos from a random vector; the products are kept in ``num_matvecs``."""
         A = self.operator(ctx)
-        previous = self._previous if getattr(self, "warm_start", True) else None
-        v0 = previous if previous is not None and previous.shape[0] == A.shape[0] else None
-        result = lanczos(A, k=self.k, tol=self.tol, max_iters=self.max_iters, v0=v0,
-                         generator=ctx.generator)
-        self._previous = result.eigenvectors[:, 0]
+        P, previous = A.shape[0], self._previous if self.warm_start else None
+        keep = max(min(self.warm_vectors, P), self.k)
+        if previous is not None and previous.shape[0] == P:
+            result = subspace_eigs(A, self.k, start=previous, tol=self.tol,
+                                   max_iters=self.max_iters, keep=keep, generator=ctx.generator)
+        else:
+            result = lanczos(A, k=self.k, tol=self.tol, max_iters=self.max_iters, keep=keep,
+                             generator=ctx.generator)
+        ritz = result.ritz_vectors  # (P, keep), the next start, kept in the operator's dtype
+        self._previous = None if ritz is None else ritz.to(A.dtype)
         self.num_matvecs.append(result.num_matvecs)
         return result
+
+    def matvec_record(self, result: Any) -> Record:
+        return Record(f"{self.name}_matvecs", result.num_matvecs,
+                      description="Hessian-vector products of this measurement's top-k search")
 
     def block_records(self, ctx: Context, with_trace: bool) -> list[Record]:
         if self.blocks is None:
@@ -252,23 +291,31 @@ class _HessianMeasurement(Measurement):
 
 
 class Sharpness(_HessianMeasurement):
-    """Top-``k`` Hessian eigenvalues by Lanczos, warm-started from the previous top eigenvector.
+    """Top-``k`` Hessian eigenvalues, tracked along training.
 
     ``preconditioned``: ``None`` (raw), ``"lr"`` (``D = lr_scales``) or ``"adam"``
     (``D = adam_scales``); the EoS threshold (:func:`eos_threshold`) is stored as the metric's
     ``threshold`` attribute and logged as ``<name>_threshold``. Metric name: ``sharpness``,
-    ``sharpness_lr`` or ``sharpness_adam`` unless ``name=``. ``warm_start=False`` starts every
-    Lanczos run from a random vector (for comparison; warm starts save products). The products
-    of each measurement are kept in ``num_matvecs``.
+    ``sharpness_lr`` or ``sharpness_adam`` unless ``name=``.
+
+    Tracking mode (the default): ``tol=1e-3`` relative accuracy (``cl.sharpness`` keeps 1e-4);
+    the first measurement runs Lanczos from a random vector, each later one starts from the
+    previous measurement's ``warm_vectors`` (default ``k + 1``) leading Ritz vectors by
+    :func:`~curvlab.linalg.subspace_eigs`, which reuses their whole span and resolves the gap to
+    the next eigenvalue from the first check. ``probe_size=n`` measures on the probe's first
+    ``n`` examples only (a fixed subset; the cost of a product scales with it).
+    ``warm_start=False`` starts every measurement from a random vector (for comparison). The
+    products of each measurement are logged as ``<name>_matvecs`` and kept in ``num_matvecs``.
     """
 
-    def __init__(self, *, k: int = 1, preconditioned: str | None = None, tol: float = 1e-4,
-                 max_iters: int | None = None, blocks: Any = None, warm_start: bool = True,
-                 **schedule: Any) -> None:
+    def __init__(self, *, k: int = 1, preconditioned: str | None = None,
+                 tol: float = TRACKING_TOL, max_iters: int | None = None, blocks: Any = None,
+                 warm_start: bool = True, warm_vectors: int | None = None,
+                 probe_size: int | None = None, **schedule: Any) -> None:
         schedule.setdefault("name", "sharpness" + (f"_{preconditioned}" if preconditioned else ""))
         super().__init__(k=k, tol=tol, max_iters=max_iters, blocks=blocks,
-                         preconditioned=preconditioned, **schedule)
-        self.warm_start = warm_start
+                         preconditioned=preconditioned, warm_start=warm_start,
+                         warm_vectors=warm_vectors, probe_size=probe_size, **schedule)
 
     def measure(self, ctx: Context) -> list[Record]:
         if not self.ready(ctx):
@@ -283,6 +330,7 @@ class Sharpness(_HessianMeasurement):
         if threshold is not None:
             records.append(Record(f"{self.name}_threshold", threshold,
                                   description="edge-of-stability threshold"))
+        records.append(self.matvec_record(result))
         return records + self.block_records(ctx, with_trace=False)
 
 
@@ -290,15 +338,19 @@ class HessianSpectrum(_HessianMeasurement):
     """Top-``k`` eigenvalues (``hessian_top``), the SLQ spectral density (``hessian_density_nodes``
     and ``hessian_density_weights``, ``num_probes * num_iters`` each, Ubaru et al. 2017) and its
     trace estimate (``hessian_trace``); with ``blocks=``, each diagonal block's top eigenvalue and
-    Hutch++ trace (``trace_matvecs`` products, exact when that reaches the block size)."""
+    Hutch++ trace (``trace_matvecs`` products, exact when that reaches the block size). The
+    top-``k`` search is tracked as in :class:`Sharpness` (``tol``, ``warm_vectors``,
+    ``hessian_matvecs``); ``probe_size`` applies to every part of it."""
 
     def __init__(self, *, k: int = 5, density: bool = True, num_probes: int = 2,
-                 num_iters: int = 30, trace_matvecs: int = 60, tol: float = 1e-4,
+                 num_iters: int = 30, trace_matvecs: int = 60, tol: float = TRACKING_TOL,
                  max_iters: int | None = None, blocks: Any = None,
-                 preconditioned: str | None = None, **schedule: Any) -> None:
+                 preconditioned: str | None = None, warm_vectors: int | None = None,
+                 probe_size: int | None = None, **schedule: Any) -> None:
         schedule.setdefault("name", "hessian")
         super().__init__(k=k, tol=tol, max_iters=max_iters, blocks=blocks,
-                         preconditioned=preconditioned, **schedule)
+                         preconditioned=preconditioned, warm_vectors=warm_vectors,
+                         probe_size=probe_size, **schedule)
         self.density, self.num_probes, self.num_iters = density, num_probes, num_iters
         self.trace_matvecs = trace_matvecs
 
@@ -307,7 +359,7 @@ class HessianSpectrum(_HessianMeasurement):
             return []
         result = self.top(ctx)
         records = [Record(f"{self.name}_top", result.eigenvalues, [str(i) for i in range(self.k)],
-                          f"top-{self.k} Hessian eigenvalues")]
+                          f"top-{self.k} Hessian eigenvalues"), self.matvec_record(result)]
         if self.density:
             A = self.operator(ctx)
             sd = spectral_density(A, num_probes=self.num_probes,
