@@ -242,12 +242,15 @@ class _HessianMeasurement(Measurement):
         A = self.operator(ctx)
         P, previous = A.shape[0], self._previous if self.warm_start else None
         keep = max(min(self.warm_vectors, P), self.k)
+        # A float32 operator gets a float32 basis where the tolerance allows (half the traffic)
+        basis = torch.float32 if A.dtype != torch.float64 and self.tol >= 1e-5 else torch.float64
         if previous is not None and previous.shape[0] == P:
             result = subspace_eigs(A, self.k, start=previous, tol=self.tol,
-                                   max_iters=self.max_iters, keep=keep, generator=ctx.generator)
+                                   max_iters=self.max_iters, keep=keep, generator=ctx.generator,
+                                   basis_dtype=basis)
         else:
             result = lanczos(A, k=self.k, tol=self.tol, max_iters=self.max_iters, keep=keep,
-                             generator=ctx.generator)
+                             generator=ctx.generator, basis_dtype=basis)
         ritz = result.ritz_vectors  # (P, keep), the next start, kept in the operator's dtype
         self._previous = None if ritz is None else ritz.to(A.dtype)
         self.num_matvecs.append(result.num_matvecs)
@@ -303,7 +306,8 @@ class Sharpness(_HessianMeasurement):
     previous measurement's ``warm_vectors`` (default ``k + 1``) leading Ritz vectors by
     :func:`~curvlab.linalg.subspace_eigs`, which reuses their whole span and resolves the gap to
     the next eigenvalue from the first check. ``probe_size=n`` measures on the probe's first
-    ``n`` examples only (a fixed subset; the cost of a product scales with it).
+    ``n`` examples only (a fixed subset; the cost of a product scales with it). A float32 model
+    gets a float32 Krylov basis when ``tol >= 1e-5`` (half the memory and traffic of float64).
     ``warm_start=False`` starts every measurement from a random vector (for comparison). The
     products of each measurement are logged as ``<name>_matvecs`` and kept in ``num_matvecs``.
     """

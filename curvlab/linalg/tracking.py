@@ -77,6 +77,62 @@ def orthonormal_start(start: Tensor, P: int, want: int, A: Any, generator: torch
         Y = torch.cat([Q, Z], dim=1)  # (P, want)
 
 
+class Subspace:
+    """Orthonormal columns ``V (P, m)``, their products ``W = A V`` and the Gram matrices
+    ``G = V^T W`` and ``M = W^T W`` (float64, ``(m, m)``), grown one column at a time.
+
+    The columns are stored as rows of buffers ``(cap, P)`` with room to spare (doubled when
+    full, at most ``max_cols``), so that a new column costs one contiguous pass over ``V`` and
+    one over ``W`` for its Gram entries, not a copy of both.
+    """
+
+    def __init__(self, V: Tensor, W: Tensor, max_cols: int) -> None:
+        P, j = V.shape
+        self.cap = min(max_cols, max(2 * j, j + 8))  # pages are touched only when written
+        self._V = V.new_empty(self.cap, P)  # (cap, P)
+        self._W = V.new_empty(self.cap, P)  # (cap, P)
+        self._V[:j], self._W[:j] = V.T, W.T
+        self.m = j
+        G = (V.T @ W).cpu().numpy()  # (j, j)
+        self.G = 0.5 * (G + G.T)
+        self.M = (W.T @ W).cpu().numpy()  # (j, j)
+        self.scale = float(np.sqrt(np.max(np.diag(self.M))))  # a lower bound on ||A||
+
+    @property
+    def V(self) -> Tensor:
+        return self._V[: self.m].T  # (P, m)
+
+    @property
+    def W(self) -> Tensor:
+        return self._W[: self.m].T  # (P, m)
+
+    def orthogonalize(self, z: Tensor) -> Tensor:
+        """``z`` less its projection on ``V`` (classical Gram-Schmidt, twice)."""
+        rows = self._V[: self.m]  # (m, P)
+        z = z.clone()
+        for _ in range(2):
+            z.addmv_(rows.T, rows @ z, alpha=-1.0)
+        return z
+
+    def append(self, z: Tensor, w: Tensor) -> None:
+        """Add the unit column ``z``, orthogonal to ``V``, with its product ``w = A z``."""
+        if self.m == self.cap:
+            self.cap = 2 * self.cap
+            for name in ("_V", "_W"):
+                old = getattr(self, name)
+                new = old.new_empty(self.cap, old.shape[1])  # (cap, P)
+                new[: self.m] = old[: self.m]
+                setattr(self, name, new)
+        m = self.m
+        self._V[m], self._W[m] = z, w
+        self.m += 1
+        g = (self._V[: m + 1] @ w).cpu().numpy()  # (m + 1,) = V^T A z, a new column of G
+        h = (self._W[: m + 1] @ w).cpu().numpy()  # (m + 1,)
+        self.G = np.block([[self.G, g[:m, None]], [g[None, :m], g[m:]]])
+        self.M = np.block([[self.M, h[:m, None]], [h[None, :m], h[m:]]])
+        self.scale = max(self.scale, math.sqrt(h[m]))
+
+
 def subspace_eigs(
     A: Any,
     k: int = 1,
@@ -89,6 +145,7 @@ def subspace_eigs(
     generator: torch.Generator | None = None,
     throw: bool = False,
     bound: str = "gap",
+    basis_dtype: torch.dtype = torch.float64,
 ) -> EigResult:
     """``k`` eigenpairs of a symmetric ``A (P, P)`` from a warm block ``start`` (module doc).
 
@@ -103,6 +160,8 @@ def subspace_eigs(
             ``min(P, max(100, 10 k + 50))``.
         keep: how many leading Ritz vectors to return in ``ritz_vectors`` for the next call
             (default ``k + 1``).
+        basis_dtype: dtype of ``V`` and ``W``, float64 (default) or float32 (half the memory
+            and traffic; accuracy as for :func:`~curvlab.linalg.lanczos`'s float32 basis).
 
     Returns:
         :class:`EigResult`; ``ritz_vectors (P, keep)`` float64 is the next call's ``start``.
@@ -118,40 +177,41 @@ def subspace_eigs(
     if not k <= keep <= P:
         raise ValueError(f"{call}: keep must satisfy k = {k} <= keep <= P = {P}, got {keep}")
     max_iters = min(P, max(100, 10 * k + 50)) if max_iters is None else min(int(max_iters), P)
-    matvec = Matvec(A, call)
-    V = orthonormal_start(start, P, k + 1, A, generator, call)  # (P, j)
-    if V.shape[1] > max_iters:
-        raise ValueError(f"{call}: the start block has {V.shape[1]} columns but max_iters is "
+    if basis_dtype not in (torch.float64, torch.float32):
+        raise ValueError(f"{call}: basis_dtype must be torch.float64 or torch.float32, got "
+                         f"{basis_dtype}")
+    matvec = Matvec(A, call, basis_dtype)
+    Y = orthonormal_start(start, P, k + 1, A, generator, call).to(basis_dtype)  # (P, j)
+    if Y.shape[1] > max_iters:
+        raise ValueError(f"{call}: the start block has {Y.shape[1]} columns but max_iters is "
                          f"{max_iters}; pass fewer start vectors or raise max_iters")
-    W = matvec(V, 0)  # (P, j)
-    noise = 0.0 if A.dtype == torch.float64 else torch.finfo(A.dtype).eps
-    scale = float(W.norm(dim=0).max())  # a lower bound on ||A||
+    space = Subspace(Y, matvec(Y, 0), max_iters)
+    low = [t for t in (A.dtype, basis_dtype) if t != torch.float64]
+    noise = max((torch.finfo(t).eps for t in low), default=0.0)
     while True:
-        G = V.T @ W  # (m, m)
-        theta, S = eigh(0.5 * (G + G.T).cpu().numpy())  # (m,), (m, m)
-        S_t = torch.as_tensor(S, device=V.device)  # (m, m)
-        X = V @ S_t  # (P, m) Ritz vectors
-        R = W @ S_t - X * torch.as_tensor(theta, device=V.device)  # (P, m) residuals
-        residuals = np.maximum(R.norm(dim=0).cpu().numpy(), noise * scale)  # (m,)
+        theta, S = eigh(space.G)  # (m,), (m, m)
         wanted = select(theta, k, which)
-        bounds = np.maximum(error_bounds(theta, residuals, wanted, bound), noise * scale)
+        S_w = torch.as_tensor(S[:, wanted], dtype=basis_dtype, device=Y.device)  # (m, k)
+        theta_w = torch.as_tensor(theta[wanted], dtype=basis_dtype, device=Y.device)  # (k,)
+        R_w = (space.W @ S_w).sub_((space.V @ S_w).mul_(theta_w))  # (P, k) W s - theta V s
+        # Exact residuals for the wanted pairs; the others, which only enter the gap estimate,
+        # from the Gram matrices: ||W s - theta V s||^2 = s^T (W^T W) s - theta^2.
+        residuals = np.sqrt(np.maximum(np.einsum("ij,ik,kj->j", S, space.M, S) - theta**2, 0))
+        residuals[wanted] = R_w.norm(dim=0).cpu().numpy()
+        residuals = np.maximum(residuals, noise * space.scale)  # (m,)
+        bounds = np.maximum(error_bounds(theta, residuals, wanted, bound), noise * space.scale)
         floor = math.sqrt(torch.finfo(A.dtype).eps) * np.max(np.abs(theta))
         relative = bounds / np.maximum(np.abs(theta[wanted]), floor)
         done = bool(np.all(relative <= tol))
-        if done or matvec.count >= max_iters or V.shape[1] >= P:
+        if done or matvec.count >= max_iters or space.m >= P:
             break
-        z = R[:, wanted[int(np.argmax(relative))]]  # (P,) the least accurate pair's residual
-        for _ in range(2):
-            z = z - V @ (V.T @ z)
-        if float(z.norm()) <= 1e-10 * max(scale, 1e-300):  # an invariant subspace: go on at random
-            z = random_vectors(P, 1, A, generator)[:, 0]
-            for _ in range(2):
-                z = z - V @ (V.T @ z)
+        z = space.orthogonalize(R_w[:, int(np.argmax(relative))])  # (P,) the worst pair's
+        if float(z.norm()) <= 1e-10 * max(space.scale, 1e-300):  # invariant: go on at random
+            z = space.orthogonalize(random_vectors(P, 1, A, generator)[:, 0].to(basis_dtype))
         z = z / z.norm()
-        w = matvec(z, V.shape[1])  # (P,)
-        scale = max(scale, float(w.norm()))
-        V, W = torch.cat([V, z[:, None]], dim=1), torch.cat([W, w[:, None]], dim=1)  # (P, m + 1)
-    converged = done or V.shape[1] >= P
+        space.append(z, matvec(z, space.m))
+    V = space.V
+    converged = done or space.m >= P
     rel = float(np.max(relative))
     message = (f"converged: {k} eigenvalues to relative accuracy {rel:.1e} <= tol {tol:g} in "
                f"{matvec.count} products" if converged else
@@ -160,13 +220,14 @@ def subspace_eigs(
     if not converged and throw:
         raise ConvergenceError(f"{call}: {message}")
     order = select(theta, min(keep, theta.size), which)
+    X = V @ torch.as_tensor(S[:, order], dtype=basis_dtype, device=V.device)  # (P, keep)
     return EigResult(
         eigenvalues=torch.as_tensor(theta[wanted].copy()),
-        eigenvectors=X[:, wanted].to(A.dtype),
+        eigenvectors=(V @ S_w).to(A.dtype),
         residuals=torch.as_tensor(residuals[wanted].copy()),
         error_bounds=torch.as_tensor(bounds),
         num_matvecs=matvec.count,
         converged=converged,
         message=message,
-        ritz_vectors=X[:, order],
+        ritz_vectors=X,
     )
