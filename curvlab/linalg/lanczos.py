@@ -148,15 +148,29 @@ class KrylovBasis:
     def combine(self, S: np.ndarray) -> Tensor:
         """``Q^T S (P, j)`` for ``S (m, j)``: Ritz vectors from eigenvectors of ``T``.
 
-        Consumes the basis: each row is released once added in, so that the peak is ``m + j``
-        vectors, not ``m + j + 1``.
+        Consumes the basis. For ``j <= m`` the combination is written over the first ``j``
+        basis vectors, a slice of ``P`` at a time (each slice of all ``m`` rows is read before
+        any is written), and the other rows are released before the result is assembled: the
+        peak stays at ``m + 1`` vectors plus a slice of ``P / 4`` values, not ``m + j``.
         """
-        S_t = torch.as_tensor(S, dtype=self.matvec.dtype, device=self.matvec.device)  # (m, j)
-        self.next_q = None
-        X = torch.zeros(self.rows[0].shape[0], S.shape[1], dtype=self.matvec.dtype,
-                        device=self.matvec.device)  # (P, j)
-        for s in S_t:
-            X.addr_(self.rows.pop(0), s)
+        m, j = S.shape
+        dtype, device = self.matvec.dtype, self.matvec.device
+        rows, self.rows, self.next_q = self.rows, [], None
+        S_t = torch.as_tensor(S.T, dtype=dtype, device=device)  # (j, m)
+        P = rows[0].shape[0]
+        if j > m:  # more vectors wanted than the basis has (a tiny operator): plainly
+            return torch.stack(rows, dim=1) @ S_t.T  # (P, j)
+        chunk = max(1 << 16, -(-P // (4 * m)))
+        for a in range(0, P, chunk):
+            block = torch.stack([r[a: a + chunk] for r in rows])  # (m, c)
+            out = S_t @ block  # (j, c)
+            for i in range(j):
+                rows[i][a: a + chunk] = out[i]
+        del rows[j:]
+        X = torch.empty(P, j, dtype=dtype, device=device)  # (P, j)
+        for i in range(j):
+            X[:, i] = rows[i]
+            rows[i] = X[:0, 0]  # release the row
         return X
 
     def ritz(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
