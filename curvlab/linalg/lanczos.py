@@ -27,8 +27,9 @@ on the rigorous ``r_i`` alone (more products, as eigsh).
 
 Memory: the basis and the recurrence's work vectors are in ``basis_dtype`` (float64 by default)
 on ``basis_device`` (the operator's by default). While iterating, ``m + 1`` vectors ``(P,)`` are
-held after ``m`` steps (the basis and the next residual); forming the ``k`` eigenvectors at the
-end holds ``m + k`` (each basis vector is released once added in). Each basis vector is allocated
+held after ``m`` steps (the basis and the next residual); the ``k`` eigenvectors are then formed
+over the basis in place, so the peak is ``max(m + 1, 2 k)`` vectors (``2 (k + keep)`` with
+``keep``; measured in ``benchmarks/lanczos_memory.py``). Each basis vector is allocated
 when its step runs, so ``max_iters`` reserves nothing. Besides that: one product's workspace. For
 a large model pass ``basis_dtype=torch.float32`` (``4 P`` bytes per vector, half of float64;
 measured in ``benchmarks/lanczos_memory.py``) and/or ``basis_device="cpu"`` (the basis in host
@@ -151,7 +152,7 @@ class KrylovBasis:
         Consumes the basis. For ``j <= m`` the combination is written over the first ``j``
         basis vectors, a slice of ``P`` at a time (each slice of all ``m`` rows is read before
         any is written), and the other rows are released before the result is assembled: the
-        peak stays at ``m + 1`` vectors plus a slice of ``P / 4`` values, not ``m + j``.
+        peak is ``max(m + 1, 2 j)`` vectors plus a slice of ``P / 4`` values, not ``m + j``.
         """
         m, j = S.shape
         dtype, device = self.matvec.dtype, self.matvec.device
