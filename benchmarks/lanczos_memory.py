@@ -21,9 +21,10 @@ data and operator, runs ``gc.collect()``, reads the baseline RSS (``VmRSS`` of
 
 The module docstring of ``curvlab/linalg/lanczos.py`` states that the basis holds ``m + 1``
 vectors ``(P,)`` while iterating and at most ``max(m + 1, 2 k)`` while the ``k`` eigenvectors are
-formed over it in place, besides one product's workspace. Checked here (the issue's acceptance, for a float32 basis): the peak above
-the baseline is at most ``(m + 4) * b * P + W`` bytes, with ``b = 4`` for a float32 basis (and
-``b = 8`` for the float64 default, for contrast) and ``W`` from the product's own process,
+formed over it in place, besides one product's workspace. Checked here (the issue's acceptance,
+for a float32 basis): the peak above the baseline is at most ``(m + 4) * b * P + W`` bytes,
+with ``b = 4`` for a float32 basis (and ``b = 8`` for the float64 default, for contrast) and
+``W`` from the product's own process,
 measured the same way. What glibc's malloc keeps resident after a product has returned (reported
 as "retained") is in neither ``W`` nor the basis but stays in the RSS while the eigenvectors are
 formed; as a diagnostic, the models up to 30M are measured once more (product and float32

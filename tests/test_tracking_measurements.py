@@ -30,7 +30,7 @@ def test_tracked_sharpness_is_within_the_tracking_tolerance_of_dense(tmp_path) -
     Hessian at that step, products logged per measurement, later ones from the warm block."""
     model, data = _problem()
     sharp = cl.Sharpness(every=3)
-    assert sharp.tol == 1e-3 and sharp.warm_vectors == 2
+    assert sharp.tol == 1e-3 and sharp.warm_vectors == 4
     logger = cl.RunLogger(tmp_path / "run.h5", {}, mode="w")
     monitor = cl.Monitor(model, mse, data, logger, [sharp])
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
