@@ -5,8 +5,9 @@ During training the Hessian moves slowly, and the previous measurement's leading
 reuses all of them, not only the top one:
 
 1. ``V = orth(Y)`` and ``W = A V`` (``j`` products, one block product);
-2. Rayleigh-Ritz: ``G = V^T W (m, m)``, ``G S = S diag(theta)``; Ritz vectors ``X = V S`` and
-   exact residuals ``R = W S - X diag(theta)``, ``r_i = ||R[:, i]||``;
+2. Rayleigh-Ritz: ``G = V^T W (m, m)``, ``G S = S diag(theta)``; for the wanted pairs the exact
+   residuals ``R = W S - V S diag(theta)``, ``r_i = ||R[:, i]||``, for the others (which only
+   enter the gap estimate) ``r_i^2 = s_i^T (W^T W) s_i - theta_i^2`` from the Gram matrices;
 3. stop when every wanted ``min(r_i, r_i^2 / gap_i)`` is at most ``tol * |theta_i|`` (the bound
    of :func:`~curvlab.linalg.lanczos`, with ``gap_i`` estimated from the other Ritz values less
    their residuals);
@@ -27,8 +28,10 @@ would. The Hessian of a 10-class cross-entropy MLP is such a case (top two eigen
 ``benchmarks/monitor.py``): the true error is below 1e-3 after a few products while the bound
 needs several more.
 
-Memory: ``V`` and ``W`` in float64, ``2 m P`` values for ``m`` products (``m`` is a few when
-tracking), plus one product's workspace.
+Memory: ``V`` and ``W`` in ``basis_dtype`` (float64 by default), ``2 m P`` values for ``m``
+products (``m`` is a few when tracking) with room for up to twice as many, plus one product's
+workspace. Each product adds two passes over ``V`` and ``W`` (its Gram entries) and four over
+``V`` (orthogonalizing the next column).
 
 Example:
     >>> import torch
@@ -88,7 +91,8 @@ class Subspace:
 
     def __init__(self, V: Tensor, W: Tensor, max_cols: int) -> None:
         P, j = V.shape
-        self.cap = min(max_cols, max(2 * j, j + 8))  # pages are touched only when written
+        self.max_cols = max(max_cols, j)
+        self.cap = min(self.max_cols, max(2 * j, j + 8))  # pages are touched only when written
         self._V = V.new_empty(self.cap, P)  # (cap, P)
         self._W = V.new_empty(self.cap, P)  # (cap, P)
         self._V[:j], self._W[:j] = V.T, W.T
@@ -117,7 +121,7 @@ class Subspace:
     def append(self, z: Tensor, w: Tensor) -> None:
         """Add the unit column ``z``, orthogonal to ``V``, with its product ``w = A z``."""
         if self.m == self.cap:
-            self.cap = 2 * self.cap
+            self.cap = min(2 * self.cap, self.max_cols)
             for name in ("_V", "_W"):
                 old = getattr(self, name)
                 new = old.new_empty(self.cap, old.shape[1])  # (cap, P)
