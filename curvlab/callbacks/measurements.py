@@ -306,12 +306,12 @@ class Sharpness(_HessianMeasurement):
     previous measurement's ``warm_vectors`` (default ``k + 3``) leading Ritz vectors by
     :func:`~curvlab.linalg.subspace_eigs`, which reuses their whole span and resolves the gap to
     the next eigenvalue from the first check. Why ``k + 3`` and not ``k + 1``: the top of a
-    cross-entropy Hessian is a cluster of near eigenvalues whose order changes during training;
-    a block that spans only the previous top two misses an eigenvalue that overtakes them from
-    further down (``benchmarks/monitor.py``, MLP at step 30: 1.409 for 1.418 with ``k + 1`` or
-    ``k + 2`` vectors, found with ``k + 3``). ``probe_size=n`` measures on the probe's first
-    ``n`` examples only (a fixed subset; the cost of a product scales with it). A float32 model
-    gets a float32 Krylov basis when ``tol >= 1e-5`` (half the memory and traffic of float64).
+    cross-entropy Hessian is a cluster of near eigenvalues whose order changes during training,
+    and a block that spans only the previous top two cannot see an eigenvalue that overtakes
+    them from further down (measured in ``benchmarks/monitor.py``). ``probe_size=n`` measures
+    on the probe's first ``n`` examples only (a fixed subset; the cost of a product scales with
+    it). A float32 model gets a float32 Krylov basis when ``tol >= 1e-5`` (half the memory and
+    traffic of float64).
     ``warm_start=False`` starts every measurement from a random vector (for comparison). The
     products of each measurement are logged as ``<name>_matvecs`` and kept in ``num_matvecs``.
     """

@@ -223,13 +223,28 @@ def start_vector(v0: Tensor | None, P: int, A: Any, generator: torch.Generator |
     return synced(q, A)
 
 
-def check_arguments(P: int, k: int, tol: float, call: str) -> None:
+def check_arguments(P: int, k: int, tol: float, call: str, *, which: str = "LA",
+                    bound: str = "gap", basis_dtype: torch.dtype = torch.float64) -> None:
+    """The checks that :func:`lanczos` and :func:`~curvlab.linalg.subspace_eigs` share."""
+    if which not in WHICH:
+        raise ValueError(f"{call}: which must be one of {WHICH}, got {which!r}")
+    if bound not in ("gap", "residual"):
+        raise ValueError(f"{call}: bound must be 'gap' or 'residual', got {bound!r}")
+    if basis_dtype not in (torch.float64, torch.float32):
+        raise ValueError(f"{call}: basis_dtype must be torch.float64 or torch.float32, got "
+                         f"{basis_dtype}")
     if not 1 <= k < P:
         raise ValueError(f"{call}: k must satisfy 1 <= k < P = {P}, got k={k}; for all "
                          "eigenvalues of a small operator use torch.linalg.eigh on a dense matrix")
     if not tol > 0:
         raise ValueError(f"{call}: tol must be positive (a relative eigenvalue accuracy), "
                          f"got {tol}")
+
+
+def noise_level(*dtypes: torch.dtype) -> float:
+    """The relative rounding of a product or basis in these dtypes: 0 when all are float64
+    (the tridiagonal residuals are truthful), else the largest ``eps`` below float64."""
+    return max((torch.finfo(t).eps for t in dtypes if t != torch.float64), default=0.0)
 
 
 def lanczos(
@@ -278,14 +293,7 @@ def lanczos(
     """
     call = "lanczos"
     P = check_operator(A, call)
-    if which not in WHICH:
-        raise ValueError(f"{call}: which must be one of {WHICH}, got {which!r}")
-    check_arguments(P, k, tol, call)
-    if bound not in ("gap", "residual"):
-        raise ValueError(f"{call}: bound must be 'gap' or 'residual', got {bound!r}")
-    if basis_dtype not in (torch.float64, torch.float32):
-        raise ValueError(f"{call}: basis_dtype must be torch.float64 or torch.float32, got "
-                         f"{basis_dtype}")
+    check_arguments(P, k, tol, call, which=which, bound=bound, basis_dtype=basis_dtype)
     if not 0 <= keep <= P:
         raise ValueError(f"{call}: keep must satisfy 0 <= keep <= P = {P}, got {keep}")
     max_iters = min(P, max(100, 10 * k + 50)) if max_iters is None else min(int(max_iters), P)
@@ -294,9 +302,8 @@ def lanczos(
     basis = KrylovBasis(matvec, start_vector(v0, P, A, generator, call),
                         check_symmetry=check_symmetry)
     # Products (or a basis) in lower precision carry rounding of about eps * ||A||: no residual or
-    # eigenvalue error is claimed below that (in float64 the tridiagonal residuals are truthful).
-    low = [t for t in (A.dtype, basis_dtype) if t != torch.float64]
-    noise = max((torch.finfo(t).eps for t in low), default=0.0)
+    # eigenvalue error is claimed below that.
+    noise = noise_level(A.dtype, basis_dtype)
     while True:
         alive = basis.step()
         theta, S, residuals = basis.ritz()
