@@ -2,7 +2,7 @@
 # Both install curvlab first (keeping any torch already installed; see scripts/install.sh).
 PYTHON ?= python3
 
-.PHONY: install run test test-slow lint bench
+.PHONY: install run test test-slow lint bench docs
 install:
 	PYTHON=$(PYTHON) bash scripts/install.sh
 
@@ -13,6 +13,9 @@ test: install
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m mypy curvlab
 	$(PYTHON) -m pytest -q
+
+docs: install
+	$(PYTHON) -m mkdocs build --strict --site-dir site
 
 test-slow: install
 	$(PYTHON) -m pytest -q --slow -m slow
