@@ -1,4 +1,4 @@
-"""Super consistency across widths (Noci et al. 2024, arXiv:2402.17457; MATH.md section 8).
+"""Super consistency across widths (Noci et al. 2024, arXiv:2402.17457; docs/math.md section 8).
 
 For a metric ``s(t, N)`` logged by runs at several widths ``N`` (one group per parametrization),
 with ``N_max`` the widest run of the group:

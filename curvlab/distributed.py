@@ -1,7 +1,7 @@
 """torch.distributed helpers: sharded curvature products, rank consistency, rank-0 I/O.
 
 With a process group active (or passed as ``group=``), every rank holds its own shard of the data
-and an operator is the curvature of the mean loss over all ranks' examples (MATH.md section 0):
+and an operator is the curvature of the mean loss over all ranks' examples (docs/math.md section 0):
 
     H V = (sum_r sum_b n_rb H_rb V) / (sum_r sum_b n_rb),
 

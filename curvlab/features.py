@@ -1,8 +1,8 @@
 """Feature speed and one-step feature change, per layer.
 
-Feature speed (Chizat & Netrapalli 2023, "The Feature Speed Formula", arXiv:2311.18718; MATH.md
-section 5). For features ``f_l`` (the whole batch stacked), backward pass ``b_l = dL/df_l`` and one
-gradient step ``dw_k = -eta_k dL/dw_k`` with per-parameter rates:
+Feature speed (Chizat & Netrapalli 2023, "The Feature Speed Formula", arXiv:2311.18718;
+docs/math.md section 5). For features ``f_l`` (the whole batch stacked), backward pass
+``b_l = dL/df_l`` and one gradient step ``dw_k = -eta_k dL/dw_k`` with per-parameter rates:
 
 - first-order feature update ``df_l = sum_{k<=l} J_{k->l} dw_k`` (one forward-mode JVP along
   ``dw``, or the finite difference ``f_l(w + dw) - f_l(w)``);
@@ -149,7 +149,7 @@ def feature_speed(
     seed: int = 0,
     output: Output = "auto",
 ) -> FeatureSpeedResult:
-    """Per-layer angle between the feature update and the backward pass (MATH.md section 5).
+    """Per-layer angle between the feature update and the backward pass (docs/math.md section 5).
 
     Args:
         model: the network; evaluated in eval mode unless ``allow_train_mode`` (then BatchNorm uses
@@ -360,7 +360,7 @@ def feature_change(
     ``seed``; the caller's model, optimizer state, gradients and RNG are left bit-identical.
     Features are measured before and after the step in eval mode, on ``batch``. ``layers`` as in
     :func:`feature_speed`, and so are ``output`` and a compiled model. Under muP the change is
-    flat in width; under NTP it shrinks (the "delta coordinate check", MATH.md section 5).
+    flat in width; under NTP it shrinks (the "delta coordinate check", docs/math.md section 5).
 
     Example:
         >>> import torch, curvlab as cl

@@ -1,4 +1,4 @@
-"""Kernel metrics for tracking the NTK over training (MATH.md section 4).
+"""Kernel metrics for tracking the NTK over training (docs/math.md section 4).
 
 - Alignment ``A(K, Y) = <K, Y Y^T>_F / (||K||_F ||Y Y^T||_F)``, centered with ``H = I - 11^T / n``
   (Cortes, Mohri & Rostamizadeh 2012, JMLR 13).

@@ -1,11 +1,11 @@
 """Which module outputs count as a network's "layers", and how to record them.
 
 Feature-learning diagnostics (``curvlab.features``) look at the output ``f_l`` of chosen modules.
-The feature speed identity ``<-b_l, df_l> = sum_{k<=l} eta_k ||dL/dw_k||^2`` (MATH.md section 5)
-holds exactly when ``f_l`` is a *cut* of the computation graph: every path from the parameters
-upstream of ``f_l`` to the loss passes through ``f_l``. The pre-activations of an MLP or CNN, the
-residual stream after a residual block and the network output are cuts; a branch inside a residual
-block is not (the skip connection bypasses it).
+The feature speed identity ``<-b_l, df_l> = sum_{k<=l} eta_k ||dL/dw_k||^2`` (docs/math.md
+section 5) holds exactly when ``f_l`` is a *cut* of the computation graph: every path from the
+parameters upstream of ``f_l`` to the loss passes through ``f_l``. The pre-activations of an MLP
+or CNN, the residual stream after a residual block and the network output are cuts; a branch
+inside a residual block is not (the skip connection bypasses it).
 
 Default layers: the output of every submodule that holds trainable parameters, runs once per
 forward, returns a tensor and is a cut, in forward order. When a container's output is the same

@@ -4,7 +4,7 @@ A gradient step with per-parameter rates ``eta_p = eta * d_p`` is stable on the 
 while ``lambda_max(D^{1/2} H D^{1/2}) < 2 / eta`` (Cohen et al. 2021, arXiv:2103.00065); for Adam,
 ``D = P_t^{-1}`` with ``P_t = (1 - beta1^(t+1)) diag(sqrt(v_t / (1 - beta2^(t+1))) + eps)`` and the
 threshold is ``(2 + 2 beta1) / ((1 - beta1) eta)``, 38 / eta at beta1 = 0.9 (Cohen et al. 2022,
-arXiv:2207.14484; :func:`adam_scales`). See MATH.md section 2.
+arXiv:2207.14484; :func:`adam_scales`). See docs/math.md section 2.
 
 Example:
     >>> import torch, curvlab as cl

@@ -3,7 +3,7 @@
 ``sharpness = lambda_max(H)``; with per-parameter scales ``d`` (learning-rate multipliers or Adam's
 preconditioner) it is ``lambda_max(D^{1/2} H D^{1/2})``, to compare with ``2 / lr`` for gradient
 descent and ``38 / lr`` for Adam at beta1 = 0.9 (Cohen et al. 2021, arXiv:2103.00065; 2022,
-arXiv:2207.14484). MATH.md section 2.
+arXiv:2207.14484). docs/math.md section 2.
 
 Example:
     >>> import torch, curvlab as cl

@@ -65,7 +65,7 @@ FULL = {"widths": [64, 128, 256, 512, 1024, 2048], "depth": 4, "d_in": 16, "d_ou
 QUICK = {**FULL, "widths": [32, 64, 128], "seeds": [0], "steps": [1, 2]}
 PARAMETRIZATIONS = ("mup", "ntp", "sp")
 
-# Thresholds on the slope of the one-step change (see docs/reproductions/coordinate_check.md).
+# Thresholds on the slope of the one-step change (see docs/reproductions.md#coordinate_check).
 MUP_FLAT = 0.15  # |slope| <= this for every layer under muP
 NTP_SHRINK = -0.3  # slope below this for the input and hidden layers under NTP (theory -1/2)
 NTP_OUTPUT_FLAT = 0.15  # |slope| <= this for the NTP output layer (theory 0: the NTK is Theta(1))

@@ -6,7 +6,7 @@ and a maximal-update criterion, the optimal SGD learning rate falls with the eff
 (the shortest input-to-output path, counting layers and residual additions) as
 ``eta* ~ L_eff^(-3/2)``; ``cl.transfer_lr`` implements that rule.
 
-What this example measures (no threshold on the exponent; see docs/reproductions/depth_law.md):
+What this example measures (no threshold on the exponent; see docs/reproductions.md#depth_law):
 
 - Residual MLPs ``cl.models.ResNet`` of width 64 with K = 2, 4, 8, 16, 32 blocks (one ReLU and one
   linear layer per branch), effective depth from ``cl.effective_depth`` (K + 2), on the sweep's

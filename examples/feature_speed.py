@@ -10,7 +10,7 @@ the angle between ``df_l`` and ``-b_l``. At initialization, at the last hidden l
 - a ResNet whose branches are scaled by ``1/sqrt(L)`` keeps ``cos theta_L = Theta(1)``;
 - a ResNet with branch scale 1 loses alignment as it gets deeper.
 
-Setting (as ``tests/test_features.py``, MATH.md section 5): float64, width 512, a batch of 32
+Setting (as ``tests/test_features.py``, docs/math.md section 5): float64, width 512, a batch of 32
 Gaussian inputs in 64 dimensions with Gaussian targets in 10, MSE, He init, no biases; ``L``
 hidden layers (MLP: ``cl.models.MLP(512, L + 1)``) or residual blocks (``cl.models.ResNet``) for
 ``L`` = 2 .. 128; 5 seeds (model and batch). Measured with ``cl.feature_speed(..., lrs=1.0)``

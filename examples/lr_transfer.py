@@ -84,7 +84,7 @@ FULL_B = {"widths": [64, 256, 1024], "lrs": [0.0125, 0.025, 0.05, 0.1, 0.2, 0.4]
           "seeds": [0], "n": 512, "depth": 3, "dataset": "teacher"}
 QUICK_B = {**FULL_B, "widths": [16, 32], "lrs": [0.05, 0.2], "steps": 5, "n": 64}
 
-# Thresholds of the claims (see the docstring and docs/reproductions/lr_transfer.md).
+# Thresholds of the claims (see the docstring and docs/reproductions.md#lr_transfer).
 MUP_DEV_AT_1024 = 0.15  # mean relative deviation from eta_inf at width 1024 (16 seeds)
 MUP_DEV_AT_WIDEST = 0.05  # ... at the widest width (4096)
 SP_DECAY_PER_4X = 2.0  # the SP optimum falls at least this factor per 4x width

@@ -1,6 +1,6 @@
 """The depth-law reproduction (examples/depth_law.py; Wu et al., arXiv:2602.07494): the full run
 checks only what is robust (a negative exponent with its bootstrap interval), the quick run the
-outputs. No threshold on the exponent's value: see docs/reproductions/depth_law.md."""
+outputs. No threshold on the exponent's value: see docs/reproductions.md#depth_law."""
 
 from __future__ import annotations
 

@@ -203,7 +203,7 @@ DEPTHS = (2, 4, 8, 16, 32, 64)
 
 def test_depth_claims_of_chizat_netrapalli():
     """ReLU MLP: cos theta_L ~ c / sqrt(L); ResNet with 1/sqrt(L) branches: cos theta_L = Theta(1);
-    branch scale 1: cos theta_L degrades with depth (arXiv:2311.18718; MATH.md section 5)."""
+    branch scale 1: cos theta_L degrades with depth (arXiv:2311.18718; docs/math.md section 5)."""
     mlp = np.array([_cos_last_hidden("mlp", d) * math.sqrt(d) for d in DEPTHS])
     scaled = np.array([_cos_last_hidden("resnet_scaled", d) for d in DEPTHS])
     unscaled = np.array([_cos_last_hidden("resnet_unscaled", d) for d in DEPTHS])

@@ -76,7 +76,7 @@ WIDTHS = (64, 128, 256, 512, 1024, 2048)
 
 def _coord_slopes(parametrization, lr, steps=3, seeds=(0, 1)):
     """Log-log slopes in width of [RMS of hidden features (2), their one-step change (2), the
-    output change], after ``steps`` SGD steps on a teacher task (MATH.md section 6)."""
+    output change], after ``steps`` SGD steps on a teacher task (docs/math.md section 6)."""
     rows = []
     for width in WIDTHS:
         per_seed = []

@@ -1,8 +1,8 @@
 """Lanczos with full reorthogonalization and eigenvalue-accuracy stopping.
 
 Lanczos (1950) builds an orthonormal Krylov basis ``Q (P, m)`` and a tridiagonal ``T (m, m)``
-with ``A Q = Q T + beta_m q_{m+1} e_m^T`` (MATH.md section 3). The Ritz pairs ``(theta_i, Q s_i)``
-come from ``scipy.linalg.eigh_tridiagonal(T)``; the residual of pair ``i`` is
+with ``A Q = Q T + beta_m q_{m+1} e_m^T`` (docs/math.md section 3). The Ritz pairs
+``(theta_i, Q s_i)`` come from ``scipy.linalg.eigh_tridiagonal(T)``; the residual of pair ``i`` is
 ``r_i = |beta_m s_i[m]|``.
 
 ``tol`` is the relative accuracy of the returned eigenvalues. For a symmetric ``A`` there is an

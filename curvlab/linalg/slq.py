@@ -4,7 +4,7 @@ For a probe ``v`` with ``||v|| = 1``, ``m`` Lanczos steps give Ritz values ``the
 quadrature weights ``w_j = s_j[0]^2`` with ``v^T g(A) v ~ sum_j w_j g(theta_j)``; averaging over
 Rademacher probes scaled to unit norm estimates ``tr(g(A)) / P`` (Ubaru, Chen & Saad 2017,
 doi:10.1137/16M1104974; Ghorbani, Krishnan & Xiao 2019, arXiv:1901.10159). The density is
-``mean_probes sum_j w_j N(t; theta_j, sigma^2)``. MATH.md section 3.
+``mean_probes sum_j w_j N(t; theta_j, sigma^2)``. docs/math.md section 3.
 
 Example:
     >>> import torch

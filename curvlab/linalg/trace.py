@@ -4,7 +4,7 @@ Hutchinson (1989): ``tr(A) ~ (1/m) sum_i z_i^T A z_i`` with Rademacher ``z_i``; 
 ``1 / sqrt(m)``. Hutch++ (Meyer, Musco, Musco & Woodruff 2021, arXiv:2010.09649): a third of the
 budget sketches the top range, ``Q = orth(A S)``, whose part of the trace, ``tr(Q^T A Q)``, is
 exact; Hutchinson on ``(I - Q Q^T) A (I - Q Q^T)`` handles the rest, so the error falls as ``1 / m``
-when the spectrum decays. MATH.md section 3.
+when the spectrum decays. docs/math.md section 3.
 
 Example:
     >>> import torch

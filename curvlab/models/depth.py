@@ -1,9 +1,9 @@
-"""Effective depth of a network and depth transfer of the learning rate (MATH.md section 7).
+"""Effective depth of a network and depth transfer of the learning rate (docs/math.md section 7).
 
 ``effective_depth`` traces one forward with ``torch.fx`` (``make_fx``: an ATen-level graph, so
 any Python control flow and shape arithmetic are fine) and returns the length of the shortest
 path from the input to the output, where (Wu et al. 2026, arXiv:2602.07494, convention as stated
-in MATH.md):
+in docs/math.md section 7):
 
 - a matrix product or convolution of data with a parameter (a linear or conv layer; each
   projection of an attention block) counts 1;
