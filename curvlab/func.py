@@ -3,7 +3,7 @@
 Everything above this module works on flat vectors ``v (P,)`` and blocks ``V (P, m)``; this is the
 one place where they are converted to and from dicts of parameter tensors.
 
-Two exact Hessian-vector product routes (MATH.md section 1):
+Two exact Hessian-vector product routes (docs/math.md section 1):
 
 - forward-over-reverse, ``Hv = jvp(grad(L), (theta,), (v,))[1]`` (Pearlmutter 1994), which
   recomputes the forward and backward for every call;

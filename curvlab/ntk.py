@@ -2,9 +2,9 @@
 
 ``Theta(x, x')_{ab} = <d f_a(x) / d theta, D d f_b(x') / d theta>`` (Jacot et al. 2018,
 arXiv:1806.07572), with ``D = diag(scales)`` for the LR-weighted kernel ``J D J^T`` that drives one
-gradient step, ``df = -eta Theta_D grad_f L`` (MATH.md section 4). Output reductions: ``"full"``
-``(n1, n2, k, k)``, ``"trace"`` ``sum_a Theta_aa`` ``(n1, n2)`` (summed, not averaged as in
-neural-tangents), ``"diagonal"`` ``(n1, n2, k)``.
+gradient step, ``df = -eta Theta_D grad_f L`` (docs/math.md section 4). Output reductions:
+``"full"`` ``(n1, n2, k, k)``, ``"trace"`` ``sum_a Theta_aa`` ``(n1, n2)`` (summed, not averaged
+as in neural-tangents), ``"diagonal"`` ``(n1, n2, k)``.
 
 Methods, with the cost model of Novak et al. 2022 (arXiv:2206.08720), ``N`` examples, ``O``
 outputs, ``[FP]`` one forward pass of one example, ``P`` parameters:

@@ -1,8 +1,9 @@
 """Exact curvature operators of the mean training loss: Hessian, Gauss-Newton, preconditioning.
 
 ``H = d^2 L / d theta^2`` with ``L = (1/N) sum_i l(f(x_i), y_i)`` over every example of ``data``
-(one ``(inputs, targets)`` batch, or an iterable of batches weighted by size, MATH.md section 0).
-``G = (1/N) sum_i J_i^T (d^2 l / d f^2) J_i`` is the Gauss-Newton matrix (MATH.md section 0).
+(one ``(inputs, targets)`` batch, or an iterable of batches weighted by size; docs/math.md
+section 0).
+``G = (1/N) sum_i J_i^T (d^2 l / d f^2) J_i`` is the Gauss-Newton matrix (docs/math.md section 0).
 
 Operators have ``shape (P, P)``, ``dtype``, ``device``, ``num_matvecs`` and ``A @ v`` for
 ``v (P,)`` or ``V (P, m)``; every ``linalg`` estimator takes them, and ``to_scipy()`` hands them to

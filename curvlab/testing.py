@@ -236,7 +236,7 @@ class DictInput(nn.Module):
 
 
 def mse(outputs: Tensor, targets: Tensor) -> Tensor:
-    """``mean_i 0.5 ||f_i - y_i||^2`` (summed over outputs), MATH.md's convention."""
+    """``mean_i 0.5 ||f_i - y_i||^2`` (summed over outputs), the convention of docs/math.md."""
     return 0.5 * (outputs - targets).pow(2).sum(-1).mean()
 
 
