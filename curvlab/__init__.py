@@ -8,6 +8,7 @@ from curvlab import batches, callbacks, distributed, func, layers, linalg, model
 from curvlab.analysis import SuperConsistency, super_consistency, sweep_report
 from curvlab.batches import count_tokens
 from curvlab.callbacks import (
+    SKIP_REASONS,
     FeatureChange,
     FeatureSpeed,
     HessianSpectrum,
@@ -44,7 +45,7 @@ from curvlab.linalg import (
 from curvlab.models import NTP, SP, DepthMuP, MuP, effective_depth, interpolated, transfer_lr
 from curvlab.ntk import NTKOperator, empirical_ntk, ntk_eigenvalues
 from curvlab.operators import GGNOperator, HessianOperator, OperatorBase
-from curvlab.plotting import plot_lr_sweep, plot_overlay
+from curvlab.plotting import plot_lr_sweep, plot_metrics, plot_overlay
 from curvlab.preconditioning import Preconditioned, adam_scales, lr_scales, preconditioned
 from curvlab.runs import Metric, Run, load_run, load_runs
 from curvlab.scaling import Exponent, fit_exponent
@@ -55,6 +56,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "NTP",
+    "SKIP_REASONS",
     "SP",
     "ConvergenceError",
     "DepthMuP",
@@ -110,6 +112,7 @@ __all__ = [
     "models",
     "ntk_eigenvalues",
     "plot_lr_sweep",
+    "plot_metrics",
     "plot_overlay",
     "power_iteration",
     "preconditioned",

@@ -1,4 +1,4 @@
-"""HDF5 run files (schema version 1, DESIGN.md): a crash-safe writer and a read-only loader.
+"""HDF5 run files (schema version 1, docs/design.md): a crash-safe writer and a read-only loader.
 
 Layout: root attributes ``schema_version``, ``curvlab_version``, ``created``, ``config`` (JSON text)
 and flat copies of the sweep keys; group ``env`` (attributes: torch version, device, dtype, ...);
@@ -240,7 +240,8 @@ class RunLogger:
                 dst.create_group("metrics")
                 for name, metric in old.metrics.items():
                     self._make_metric(dst, name, metric.value.shape[1:], metric.labels,
-                                      metric.description, metric.threshold, rows=metric.value)
+                                      metric.description, metric.threshold, rows=metric.value,
+                                      codes=metric.codes)
                     dst[f"metrics/{name}/step"][:] = metric.step
                     if len(metric.step):
                         self._last[name] = int(metric.step[-1])
@@ -283,8 +284,8 @@ class RunLogger:
 
     @staticmethod
     def _make_metric(f: h5py.File, name: str, shape: tuple[int, ...], labels: Sequence[str] | None,
-                     description: str, threshold: float | None, rows: np.ndarray | None = None
-                     ) -> None:
+                     description: str, threshold: float | None, rows: np.ndarray | None = None,
+                     codes: Sequence[str] | None = None) -> None:
         n = 0 if rows is None else len(rows)
         g = f["metrics"].create_group(name)
         g.create_dataset("step", shape=(n,), maxshape=(None,), dtype="int64", chunks=(256,),
@@ -295,16 +296,26 @@ class RunLogger:
         if labels is not None:
             g.attrs["labels"] = np.array([str(label) for label in labels],
                                          dtype=h5py.string_dtype())
+        if codes is not None:
+            g.attrs["codes"] = np.array([str(c) for c in codes], dtype=h5py.string_dtype())
         g.attrs["description"] = description
         if threshold is not None:
             g.attrs["threshold"] = float(threshold)
 
     # --------------------------------------------------------------- public API
     def declare(self, name: str, *, size: int | None = None, labels: Sequence[str] | None = None,
-                description: str = "", threshold: float | None = None) -> None:
-        """Create metric ``name`` (scalar, or a vector of ``size`` / ``len(labels)`` entries)."""
+                description: str = "", threshold: float | None = None,
+                codes: Sequence[str] | None = None) -> None:
+        """Create metric ``name`` (scalar, or a vector of ``size`` / ``len(labels)`` entries).
+
+        ``codes``: for a scalar metric whose values are integer codes, the text of each code
+        (value ``i`` means ``codes[i]``), stored as the attribute ``codes``.
+        """
         call = "RunLogger.declare"
         _check_name(name, call)
+        if codes is not None and size is not None:
+            raise ValueError(f"{call}: codes= describe a scalar metric's values; {name!r} was "
+                             f"given size={size}")
         if size is None and labels is not None:
             size = len(labels)
         if labels is not None and len(labels) != size:
@@ -316,7 +327,7 @@ class RunLogger:
             raise ValueError(f"{call}: metric {name!r} exists already")
         shape = () if size is None else (int(size),)
         self._restructure(lambda f: self._make_metric(f, name, shape, labels, description,
-                                                      threshold))
+                                                      threshold, codes=codes))
 
     def update_env(self, **entries: Any) -> None:
         """Add or change entries of the ``env`` group (e.g. device, dtype)."""
@@ -336,6 +347,16 @@ class RunLogger:
             raise ValueError(f"RunLogger.log_array: {name!r} values must be 1-D, got shape "
                              f"{values.shape}")
         self._append("RunLogger.log_array", step, name, values, labels, description, threshold)
+
+    def last_step(self, name: str | None = None) -> int | None:
+        """The last committed step of metric ``name``, or of any metric; ``None`` when none.
+
+        After ``mode="a"`` these are the steps the file already held, so a resumed run logs
+        from ``last_step() + 1`` on (the Monitor does this itself).
+        """
+        if name is not None:
+            return self._last.get(name)
+        return max(self._last.values(), default=None)
 
     def __contains__(self, name: object) -> bool:
         """Whether metric ``name`` exists in the file."""
@@ -369,8 +390,11 @@ class RunLogger:
                              f"got {value.shape}")
         last = self._last.get(name)
         if last is not None and step <= last:
-            raise ValueError(f"{call}: step {step} of {name!r} does not follow the last logged "
-                             f"step {last}; steps must increase")
+            raise ValueError(f"{call}: step {step} of {name!r} does not follow the last committed "
+                             f"step {last} of that metric in {self.path}; steps must increase. "
+                             "A resumed run (mode='a') continues after the file's last step "
+                             "(RunLogger.last_step()); with gradient accumulation, log once per "
+                             "optimizer step")
         n = steps.shape[0]
         values.resize(n + 1, axis=0)
         values[n] = value

@@ -34,6 +34,8 @@ from curvlab.runs import Run
 
 LABELS = {"sharpness_lr": "LR-preconditioned sharpness", "sharpness": "sharpness",
           "sharpness_adam": "Adam-preconditioned sharpness", "loss": "training loss",
+          "sharpness_adam_base": "Adam-preconditioned sharpness at the base LR",
+          "sharpness_lr_base": "LR-preconditioned sharpness at the base LR",
           "ntk_top": "top NTK eigenvalue", "feature_cos_theta": "cos theta (feature speed)"}
 
 
@@ -93,6 +95,44 @@ def plot_overlay(runs: Sequence[Run], metric: str = "sharpness_lr", *, hue: str 
         ax.legend(fontsize=8, frameon=False)
     if title:
         fig.suptitle(title)
+    return fig
+
+
+def plot_metrics(run: Run, metrics: Sequence[str], *, eos: bool = True, log_y: bool = False,
+                 index: int | None = None, title: str | None = None) -> Figure:
+    """Several metrics of one run on one axis, each with its threshold line (dashed, same
+    colour) and its skipped steps (``<name>_skipped``) as ticks at the bottom.
+
+    Made for a sharpness under an LR schedule: ``["sharpness_adam", "sharpness_adam_base"]``
+    shows the sharpness of the scheduled step and the one at the base LR, whose line the
+    scheduled curve approaches as the warm-up ends.
+    """
+    call = "plot_metrics"
+    missing = [m for m in metrics if m not in run.metrics]
+    if not metrics or missing:
+        raise ValueError(f"{call}: run {run.path} lacks metrics {missing or 'none given'}; it has "
+                         f"{sorted(run.metrics)}")
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), constrained_layout=True)
+    colors = plt.get_cmap("tab10")
+    for i, name in enumerate(metrics):
+        m, color = run.metrics[name], colors(i % 10)
+        column = (0 if name.endswith("_top") else -1) if index is None else index
+        values = m.value if m.value.ndim == 1 else m.value[:, column]  # (T,)
+        ax.plot(m.step, values, color=color, lw=1.6, label=LABELS.get(name, name))
+        if eos and m.threshold is not None:
+            ax.axhline(m.threshold, color=color, ls="--", lw=1.0,
+                       label=f"threshold of {name} ({m.threshold:.3g})")
+        skipped = run.skipped(name)
+        if skipped:
+            ax.plot(sorted(skipped), np.zeros(len(skipped)), "|", color=color, ms=12,
+                    transform=ax.get_xaxis_transform(), label=f"{name} skipped")
+    ax.set_xlabel("step")
+    if log_y:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, frameon=False)
+    if title:
+        ax.set_title(title)
     return fig
 
 

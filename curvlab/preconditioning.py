@@ -27,9 +27,13 @@ from curvlab.operators import OperatorBase
 
 
 class Preconditioned(OperatorBase):
-    """The symmetric operator ``D^{1/2} A D^{1/2}`` for a positive vector ``d (P,)``.
+    """The symmetric operator ``D^{1/2} A D^{1/2}`` for a non-negative vector ``d (P,)``.
 
-    It has the eigenvalues of ``D A`` and stays symmetric, so Lanczos applies.
+    It has the eigenvalues of ``D A`` and stays symmetric, so Lanczos applies. Entries ``d_p = 0``
+    are parameters that the step does not move (an LR of 0, e.g. frozen by a schedule): their rows
+    and columns vanish, and the other eigenvalues are those of the operator restricted to the
+    moving parameters. ``d`` must have a positive entry (an operator that is 0 everywhere is
+    almost surely an LR of 0 passed by mistake).
     """
 
     def __init__(self, A: Any, d: Tensor) -> None:
@@ -40,9 +44,10 @@ class Preconditioned(OperatorBase):
         if not isinstance(d, Tensor) or d.shape != (P,):
             got = tuple(d.shape) if isinstance(d, Tensor) else type(d).__name__
             raise ValueError(f"preconditioned: d must be a tensor of shape ({P},), got {got}")
-        if not (torch.isfinite(d).all() and (d > 0).all()):
-            raise ValueError("preconditioned: d must be finite and positive everywhere; got "
-                             f"min {d.min().item():.3g}, max {d.max().item():.3g}")
+        if not (torch.isfinite(d).all() and (d >= 0).all() and (d > 0).any()):
+            raise ValueError("preconditioned: d must be finite and non-negative with a positive "
+                             f"entry; got min {d.min().item():.3g}, max {d.max().item():.3g}. "
+                             "An LR of 0 everywhere takes no step: skip the measurement")
         self.A = A
         self.shape = (P, P)
         self.dtype, self.device = A.dtype, A.device
@@ -88,6 +93,7 @@ def lr_scales(
     params: Mapping[str, Tensor] | nn.Module | Iterable[Tensor],
     *,
     base_lr: float | None = None,
+    scheduled: bool = True,
 ) -> Tensor:
     """Per-element learning-rate multipliers ``d (P,)``: each param group's LR / ``base_lr``.
 
@@ -95,6 +101,13 @@ def lr_scales(
     ``{n: p for n, p in model.named_parameters() if n in H.param_names}``). ``base_lr`` defaults to
     the optimizer's ``defaults["lr"]`` (the LR it was built with), so muP-style groups with
     ``lr = eta * multiplier`` give the multipliers.
+
+    Under a scheduler, a group's LR is the one in ``optimizer.param_groups`` when this is called:
+    torch's schedulers, Lightning and the Hugging Face Trainer update it after each optimizer
+    step, so it is the LR of the step about to be taken, and ``d`` carries the schedule's factor.
+    ``scheduled=False`` uses each group's LR before any scheduler changed it (``initial_lr``,
+    which torch's schedulers record; the group's LR where none did), so ``d`` does not follow the
+    schedule: the quantity to read during a warm-up.
     """
     call = "lr_scales"
     named = _named(params, call)
@@ -107,8 +120,9 @@ def lr_scales(
         if id(p) not in groups:
             raise ValueError(f"{call}: parameter {name!r} is not in the optimizer; pass only "
                              "parameters that it updates")
-        pieces.append(torch.full((p.numel(),), float(groups[id(p)]["lr"]) / base,
-                                 dtype=p.dtype, device=p.device))
+        group = groups[id(p)]
+        lr = group["lr"] if scheduled else group.get("initial_lr", group["lr"])
+        pieces.append(torch.full((p.numel(),), float(lr) / base, dtype=p.dtype, device=p.device))
     return torch.cat(pieces)  # (P,)
 
 
@@ -117,6 +131,7 @@ def adam_scales(
     params: Mapping[str, Tensor] | nn.Module | Iterable[Tensor],
     *,
     base_lr: float | None = None,
+    scheduled: bool = True,
 ) -> Tensor:
     """The inverse of Adam's preconditioner for its next step, times the LR scales, ``(P,)``.
 
@@ -138,7 +153,8 @@ def adam_scales(
     shifts the threshold (see ``eos_threshold``). Adam's coupled ``weight_decay`` adds
     ``w theta`` to the gradient, i.e. ``w I`` to the Hessian of the objective Adam descends: put
     the decay into ``loss_fn`` to measure that objective. Other adaptive optimizers (NAdam,
-    RAdam, Adamax) precondition differently and are refused.
+    RAdam, Adamax) precondition differently and are refused. ``base_lr`` and ``scheduled`` are
+    those of :func:`lr_scales` (which LR of a scheduled group counts).
     """
     call = "adam_scales"
     if not isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
@@ -146,7 +162,7 @@ def adam_scales(
                         f"{type(optimizer).__name__}; other optimizers precondition differently "
                         "(use lr_scales for SGD-like ones)")
     named = _named(params, call)
-    scales = torch.split(lr_scales(optimizer, dict(named), base_lr=base_lr),
+    scales = torch.split(lr_scales(optimizer, dict(named), base_lr=base_lr, scheduled=scheduled),
                          [p.numel() for _, p in named])
     groups = _groups_by_param(optimizer)
     pieces = []

@@ -39,6 +39,7 @@ class Metric:
     labels: tuple[str, ...] | None = None
     description: str = ""
     threshold: float | None = None
+    codes: tuple[str, ...] | None = None  # the text of each integer value, for coded metrics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +54,19 @@ class Run:
 
     def __getitem__(self, name: str) -> Metric:
         return self.metrics[name]
+
+    def skipped(self, name: str) -> dict[int, str]:
+        """``{step: reason}`` for the steps at which the Monitor skipped measurement ``name``
+        (the metric ``<name>_skipped``; empty when it never skipped)."""
+        m = self.metrics.get(f"{name}_skipped")
+        if m is None:
+            if name not in self.metrics:
+                raise KeyError(f"Run.skipped: {self.path} has no metric {name!r} nor "
+                               f"{name}_skipped; metrics: {sorted(self.metrics)}")
+            return {}
+        codes = m.codes or ()
+        return {int(s): codes[int(v)] if 0 <= int(v) < len(codes) else f"code {int(v)}"
+                for s, v in zip(m.step, m.value, strict=True)}
 
 
 def _text(value: Any) -> str:
@@ -76,8 +90,9 @@ def _read_metric(name: str, g: h5py.Group) -> Metric:
     rows = min(committed_rows(step), len(value))
     labels = tuple(_text(x) for x in g.attrs["labels"]) if "labels" in g.attrs else None
     threshold = float(g.attrs["threshold"]) if "threshold" in g.attrs else None
+    codes = tuple(_text(x) for x in g.attrs["codes"]) if "codes" in g.attrs else None
     return Metric(name, step[:rows], value[:rows], labels, _text(g.attrs.get("description", "")),
-                  threshold)
+                  threshold, codes)
 
 
 def load_run(path: str | os.PathLike[str]) -> Run:

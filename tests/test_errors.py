@@ -114,8 +114,12 @@ def test_preconditioned_rejects_bad_scales() -> None:
     A = torch.eye(3)
     with pytest.raises(ValueError, match=r"d must be a tensor of shape \(3,\), got \(2,\)"):
         cl.preconditioned(A, torch.ones(2))
-    with pytest.raises(ValueError, match="finite and positive"):
-        cl.preconditioned(A, torch.tensor([1.0, 0.0, 1.0]))
+    with pytest.raises(ValueError, match="finite and non-negative with a positive entry"):
+        cl.preconditioned(A, torch.tensor([1.0, -1.0, 1.0]))
+    with pytest.raises(ValueError, match=r"finite and non-negative.*skip the measurement"):
+        cl.preconditioned(A, torch.zeros(3))
+    with pytest.raises(ValueError, match="finite and non-negative"):
+        cl.preconditioned(A, torch.tensor([1.0, float("inf"), 1.0]))
     with pytest.raises(TypeError, match=r"square operator"):
         cl.preconditioned(torch.ones(3, 2), torch.ones(3))
 

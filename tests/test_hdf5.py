@@ -169,7 +169,7 @@ def test_resume_and_refusals(tmp_path):
     with pytest.raises(ValueError, match=r"resuming .* with a different config \(keys \['lr'\]"):
         RunLogger(path, {**CONFIG, "lr": 0.2}, mode="a")
     with RunLogger(path, CONFIG, mode="a") as log:
-        with pytest.raises(ValueError, match="step 5 of 'loss' does not follow the last logged"):
+        with pytest.raises(ValueError, match="step 5 of 'loss' does not follow the last committed"):
             log.log(5, loss=0.1)
         log.log(6, loss=0.4)
         with pytest.raises(ValueError, match=r"'loss' holds values of shape \(\), got \(2,\)"):

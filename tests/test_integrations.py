@@ -246,3 +246,111 @@ def test_hf_callback_refuses_other_objects():
 
     with pytest.raises(TypeError, match=r"CurvlabTrainerCallback: expected a curvlab\.Monitor"):
         CurvlabTrainerCallback("monitor")
+
+
+# ------------------------------------------- Hugging Face Trainer with gradient accumulation
+HF_ACCUMULATE, HF_STEPS, HF_MICRO, HF_LR = 2, 4, 8, 1e-3
+
+
+class _Regressor(nn.Module):
+    """An MLP with the Trainer's calling convention: ``forward(x, labels=None)`` returns an
+    output with ``.logits`` (and ``.loss`` when labels are given). No ``**kwargs``, so the
+    Trainer divides each micro-batch's loss by gradient_accumulation_steps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = MLP(d_in=4, width=8, d_out=2).double()
+
+    def forward(self, x, labels=None):
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        logits = self.net(x)
+        return SequenceClassifierOutput(loss=None if labels is None else mse(logits, labels),
+                                        logits=logits)
+
+
+class _Rows(torch.utils.data.IterableDataset):
+    """The rows in order (an iterable dataset, so the Trainer does not shuffle them)."""
+
+    def __init__(self, x, y) -> None:
+        self.x, self.y = x, y
+
+    def __iter__(self):
+        return iter({"x": a, "labels": b} for a, b in zip(self.x, self.y, strict=True))
+
+
+def _hf_problem():
+    torch.manual_seed(0)
+    model = _Regressor()
+    g = torch.Generator().manual_seed(1)
+    return (model, torch.randn(32, 4, generator=g, dtype=torch.float64),
+            torch.randn(32, 2, generator=g, dtype=torch.float64))
+
+
+def _hf_measurements():
+    return [cl.Loss(every=1), cl.Sharpness(every=2, tol=1e-10),
+            cl.Sharpness(every=2, preconditioned="adam", tol=1e-10), cl.FeatureSpeed(every=2)]
+
+
+def _hf_accumulation(tmp_path, with_callback: bool):
+    import transformers
+
+    from curvlab.callbacks.hf import CurvlabTrainerCallback
+
+    model, x, y = _hf_problem()
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "hf"), max_steps=HF_STEPS, per_device_train_batch_size=HF_MICRO,
+        gradient_accumulation_steps=HF_ACCUMULATE, learning_rate=HF_LR, weight_decay=0.0,
+        lr_scheduler_type="constant", max_grad_norm=0.0, report_to=[], save_strategy="no",
+        logging_strategy="no", use_cpu=True, seed=0, dataloader_num_workers=0, disable_tqdm=True)
+    callbacks, log = [], None
+    if with_callback:
+        log = cl.RunLogger(tmp_path / "hf.h5", {"lr": HF_LR})
+        callbacks.append(CurvlabTrainerCallback(cl.Monitor(model, mse, (x, y), log,
+                                                           _hf_measurements())))
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=_Rows(x, y),
+                                   callbacks=callbacks)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train()
+    if log is not None:
+        log.close()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _plain_hf_accumulation(tmp_path):
+    """What the Trainer runs: AdamW, each micro-batch's loss / 2 backpropagated, a step every
+    second micro-batch, no clipping, a constant LR."""
+    model, x, y = _hf_problem()
+    opt = torch.optim.AdamW(model.parameters(), lr=HF_LR, weight_decay=0.0)
+    with cl.RunLogger(tmp_path / "plain.h5", {"lr": HF_LR}) as log:
+        mon = cl.Monitor(model, mse, (x, y), log, _hf_measurements(), optimizer=opt)
+        mon.on_train_start()
+        model.train()
+        micro, step = 0, 0
+        while step < HF_STEPS:
+            part = slice(HF_MICRO * (micro % 4), HF_MICRO * (micro % 4 + 1))
+            (model(x[part], labels=y[part]).loss / HF_ACCUMULATE).backward()
+            micro += 1
+            if micro % HF_ACCUMULATE == 0:
+                opt.step()
+                opt.zero_grad()
+                step += 1
+                mon.on_train_batch_end(step)
+    return cl.load_run(tmp_path / "plain.h5")
+
+
+def test_hf_gradient_accumulation_measures_once_per_optimizer_step_as_a_plain_loop(tmp_path):
+    with_cb = _hf_accumulation(tmp_path, with_callback=True)
+    without = _hf_accumulation(tmp_path, with_callback=False)
+    for name in with_cb:
+        assert torch.equal(with_cb[name], without[name]), name  # training untouched
+    hf, plain = cl.load_run(tmp_path / "hf.h5"), _plain_hf_accumulation(tmp_path)
+    assert hf["loss"].step.tolist() == list(range(HF_STEPS + 1))
+    assert hf["sharpness_adam"].step.tolist() == [2, 4]
+    assert hf.skipped("sharpness_adam") == {0: cl.SKIP_REASONS[1]}  # no Adam state at step 0
+    names = {n for n in plain.metrics if not n.startswith("time_")}
+    assert names == {n for n in hf.metrics if not n.startswith("time_")}
+    for name in names:
+        np.testing.assert_array_equal(plain[name].step, hf[name].step)
+        torch.testing.assert_close(hf[name].value, plain[name].value, rtol=1e-8, atol=1e-12)

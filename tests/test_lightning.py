@@ -97,3 +97,67 @@ def test_lightning_ddp_on_cpu_writes_one_file_from_rank_zero(tmp_path) -> None:
     model, x, y = problem()  # every rank's probe is the whole set: the collective mean is its own
     expected = cl.sharpness(model, mse, (x, y), tol=1e-10)
     assert abs(run.metrics["sharpness"].value[0] - expected) <= 1e-8 * expected
+
+
+# ------------------------------------------------------------------ gradient accumulation
+ACCUMULATE, OPT_STEPS, MICRO = 2, 6, 8  # 32 examples in micro-batches of 8: 2 steps per epoch
+
+
+def _accumulation_measurements():
+    return [cl.Loss(every=1), cl.Sharpness(every=2, tol=1e-10), cl.FeatureSpeed(every=2)]
+
+
+def _plain_accumulation(tmp_path):
+    """The loop Lightning runs with accumulate_grad_batches=2: each micro-batch's loss / 2 is
+    backpropagated, the optimizer steps every second micro-batch."""
+    model, x, y = problem()
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    with cl.RunLogger(tmp_path / "plain.h5", {"lr": LR}) as log:
+        mon = cl.Monitor(model, mse, (x, y), log, _accumulation_measurements(), optimizer=opt)
+        mon.on_train_start()
+        step = 0
+        while step < OPT_STEPS:
+            for i in range(len(x) // MICRO):
+                part = slice(MICRO * i, MICRO * (i + 1))
+                (mse(model(x[part]), y[part]) / ACCUMULATE).backward()
+                if i % ACCUMULATE == ACCUMULATE - 1:
+                    opt.step()
+                    opt.zero_grad()
+                    step += 1
+                mon.on_train_batch_end(step)
+                if step == OPT_STEPS:
+                    break
+        mon.on_train_end()
+    return cl.load_run(tmp_path / "plain.h5")
+
+
+def _lightning_accumulation(tmp_path, with_callback: bool):
+    model, x, y = problem()
+    callbacks, log = [], None
+    if with_callback:
+        log = cl.RunLogger(tmp_path / "lightning.h5", {"lr": LR})
+        callbacks.append(CurvlabCallback(cl.Monitor(model, mse, (x, y), log,
+                                                    _accumulation_measurements())))
+    trainer = Trainer(max_steps=OPT_STEPS, accumulate_grad_batches=ACCUMULATE, accelerator="cpu",
+                      logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, callbacks=callbacks)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(Module(model), DataLoader(TensorDataset(x, y), batch_size=MICRO))
+    if log is not None:
+        log.close()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_accumulate_grad_batches_measures_once_per_optimizer_step_as_a_plain_loop(tmp_path):
+    with_cb = _lightning_accumulation(tmp_path, with_callback=True)
+    without = _lightning_accumulation(tmp_path, with_callback=False)
+    assert all(torch.equal(with_cb[n], without[n]) for n in with_cb)  # training untouched
+    plain, light = _plain_accumulation(tmp_path), cl.load_run(tmp_path / "lightning.h5")
+    assert light["loss"].step.tolist() == list(range(OPT_STEPS + 1))
+    assert light["sharpness"].step.tolist() == [0, 2, 4, 6]
+    names = {n for n in plain.metrics if not n.startswith("time_")}
+    assert names == {n for n in light.metrics if not n.startswith("time_")}
+    for name in names:
+        np.testing.assert_array_equal(plain[name].step, light[name].step)
+        torch.testing.assert_close(light[name].value, plain[name].value, rtol=1e-8, atol=1e-12)

@@ -11,8 +11,16 @@ from curvlab.callbacks.measurements import (
     eos_threshold,
     resolve_blocks,
 )
-from curvlab.callbacks.monitor import Context, Measurement, Monitor, Record, Schedule
+from curvlab.callbacks.monitor import (
+    SKIP_REASONS,
+    Context,
+    Measurement,
+    Monitor,
+    Record,
+    Schedule,
+    Skip,
+)
 
-__all__ = ["Context", "FeatureChange", "FeatureSpeed", "HessianSpectrum", "Loss", "Measurement",
-           "Monitor", "NTKSpectrum", "Record", "Schedule", "Sharpness", "eos_threshold",
-           "resolve_blocks"]
+__all__ = ["SKIP_REASONS", "Context", "FeatureChange", "FeatureSpeed", "HessianSpectrum", "Loss",
+           "Measurement", "Monitor", "NTKSpectrum", "Record", "Schedule", "Sharpness", "Skip",
+           "eos_threshold", "resolve_blocks"]

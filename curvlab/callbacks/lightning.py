@@ -2,7 +2,11 @@
 
 Needs the ``lightning`` extra (``pip install curvlab[lightning]``). The step passed to the Monitor
 is ``trainer.global_step`` (optimizer steps taken), so a Lightning run and a plain loop that calls
-``monitor.on_train_batch_end(step)`` after each optimizer step log the same steps.
+``monitor.on_train_batch_end(step)`` after each optimizer step log the same steps. With
+``accumulate_grad_batches=n`` Lightning calls the hook after every micro-batch while
+``global_step`` changes once per optimizer step; the Monitor ignores a step it has seen, so it
+measures once per optimizer step, after the step (and after Lightning's step-interval LR
+schedulers, which run before this hook).
 
 Example (not run here)::
 

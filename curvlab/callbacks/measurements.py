@@ -1,6 +1,6 @@
 """Measurements a :class:`~curvlab.Monitor` runs: loss, sharpness, Hessian spectrum, NTK spectrum,
 feature speed and feature change. Each takes a schedule (``every=``, ``steps=`` or
-``per_decade=``) and returns records that the Monitor logs; definitions are in MATH.md.
+``per_decade=``) and returns records that the Monitor logs; definitions are in docs/math.md.
 
 Per-block curvature: ``blocks="layers"`` (one block per module that owns parameters) or a list of
 parameter-name patterns (``fnmatch``, e.g. ``["0.*", "2.*"]``) or a dict ``label -> patterns``;
@@ -27,7 +27,7 @@ from curvlab.batches import (
     pick_output,
     take_batch,
 )
-from curvlab.callbacks.monitor import Context, Measurement, Record
+from curvlab.callbacks.monitor import LR_ZERO, NO_STATE, Context, Measurement, Record, Skip
 from curvlab.features import feature_change, feature_speed
 from curvlab.func import forward_context, unwrap_compiled
 from curvlab.kernel_metrics import kernel_alignment, kernel_distance
@@ -37,6 +37,7 @@ from curvlab.operators import HessianOperator
 from curvlab.preconditioning import adam_scales, lr_scales, preconditioned
 
 PRECONDITIONERS = (None, "lr", "adam")
+LRS = ("current", "base")  # which LR of a scheduled group a preconditioned sharpness uses
 TRACKING_TOL = 1e-3  # the default relative accuracy of Sharpness and HessianSpectrum
 
 
@@ -67,13 +68,19 @@ def resolve_blocks(model: nn.Module, blocks: Any, call: str) -> dict[str, list[s
     return found
 
 
-def _scales(kind: str | None, optimizer: Any, model: nn.Module, call: str) -> Any:
+def _scales(kind: str | None, optimizer: Any, model: nn.Module, call: str,
+            scheduled: bool = True) -> Any:
     if kind is None:
         return None
     if optimizer is None:
         raise ValueError(f"{call}: preconditioned={kind!r} needs the Monitor's optimizer")
     params = {n: p for n, p in unwrap_compiled(model).named_parameters() if p.requires_grad}
-    return (lr_scales if kind == "lr" else adam_scales)(optimizer, params)
+    return (lr_scales if kind == "lr" else adam_scales)(optimizer, params, scheduled=scheduled)
+
+
+def _all_lr_zero(optimizer: Any) -> bool:
+    """Whether no parameter group of ``optimizer`` takes a step (every LR is 0)."""
+    return all(float(g["lr"]) == 0 for g in optimizer.param_groups if g["params"])
 
 
 def eos_threshold(kind: str | None, optimizer: Any) -> float | None:
@@ -180,12 +187,18 @@ class _HessianMeasurement(Measurement):
     def __init__(self, *, k: int, tol: float, max_iters: int | None, blocks: Any,
                  preconditioned: str | None, warm_start: bool = True,
                  warm_vectors: int | None = None, probe_size: int | None = None,
-                 **schedule: Any) -> None:
+                 lr: str = "current", **schedule: Any) -> None:
         super().__init__(**schedule)
         call = type(self).__name__
         if preconditioned not in PRECONDITIONERS:
             raise ValueError(f"{call}: preconditioned must be one of {PRECONDITIONERS}, got "
                              f"{preconditioned!r}")
+        if lr not in LRS:
+            raise ValueError(f"{call}: lr must be one of {LRS} (which LR of a scheduled group "
+                             f"the preconditioner uses), got {lr!r}")
+        if lr == "base" and preconditioned is None:
+            raise ValueError(f"{call}: lr='base' applies to a preconditioned sharpness; pass "
+                             "preconditioned='lr' or 'adam' (the raw Hessian has no LR in it)")
         warm_vectors = k + 3 if warm_vectors is None else warm_vectors
         if isinstance(warm_vectors, bool) or not isinstance(warm_vectors, int) \
                 or warm_vectors < k:
@@ -197,7 +210,7 @@ class _HessianMeasurement(Measurement):
             raise ValueError(f"{call}: probe_size must be a positive int or None, got "
                              f"{probe_size!r}")
         self.k, self.tol, self.max_iters = k, tol, max_iters
-        self.blocks, self.kind = blocks, preconditioned
+        self.blocks, self.kind, self.lr = blocks, preconditioned, lr
         self.warm_start, self.warm_vectors, self.probe_size = warm_start, warm_vectors, probe_size
         self._previous: Any = None  # (P, warm_vectors) Ritz vectors of the last measurement
         self.num_matvecs: list[int] = []
@@ -218,9 +231,13 @@ class _HessianMeasurement(Measurement):
             self._blocks = resolve_blocks(ctx.model, self.blocks, type(self).__name__)
 
     def operator(self, ctx: Context, params: list[str] | None = None) -> Any:
+        """The Hessian on the probe (of ``params`` only, a diagonal block, when given),
+        preconditioned by ``kind``; ``None`` when that preconditioner is 0 on every parameter
+        (an LR of 0), which leaves the operator 0."""
         H: Any = HessianOperator(ctx.model, ctx.loss_fn, self.probe(ctx), params=params,
                                  output=ctx.output, weights=ctx.weights)
-        scales = _scales(self.kind, ctx.optimizer, ctx.model, type(self).__name__)
+        scales = _scales(self.kind, ctx.optimizer, ctx.model, type(self).__name__,
+                         scheduled=self.lr == "current")
         if scales is not None:
             if params is not None:
                 named = unwrap_compiled(ctx.model).named_parameters()
@@ -228,18 +245,29 @@ class _HessianMeasurement(Measurement):
                                    strict=True)
                 parts = dict(zip(names, scales.split(sizes), strict=True))
                 scales = torch.cat([parts[n] for n in H.param_names])
+            if not (scales > 0).any():
+                return None
             H = preconditioned(H, scales)
         return H
 
-    def ready(self, ctx: Context) -> bool:
-        """Adam's preconditioner exists only after the first optimizer step."""
-        return self.kind != "adam" or bool(ctx.optimizer is not None and ctx.optimizer.state)
+    def skip_reason(self, ctx: Context) -> str | None:
+        """Why the preconditioned operator does not exist now, or ``None``: Adam's
+        preconditioner exists only after the first optimizer step, and an LR of 0 in every
+        group (the ends of a warm-up + cosine schedule) takes no step (``lr="current"``)."""
+        if self.kind == "adam" and not (ctx.optimizer is not None and ctx.optimizer.state):
+            return NO_STATE
+        if self.kind is not None and self.lr == "current" and _all_lr_zero(ctx.optimizer):
+            return LR_ZERO
+        return None
 
     def top(self, ctx: Context) -> Any:
         """Top-``k`` eigenpairs: from the previous Ritz vectors by
         :func:`~curvlab.linalg.subspace_eigs` when there are any (and ``warm_start``), else by
         Lanczos from a random vector; the products are kept in ``num_matvecs``."""
         A = self.operator(ctx)
+        if A is None:
+            raise ValueError(f"{type(self).__name__}: the preconditioner is 0 on every "
+                             "parameter; skip_reason() should have caught it")
         P, previous = A.shape[0], self._previous if self.warm_start else None
         keep = max(min(self.warm_vectors, P), self.k)
         # A float32 operator gets a float32 basis where the tolerance allows (half the traffic)
@@ -269,12 +297,15 @@ class _HessianMeasurement(Measurement):
         tops, traces = [], []
         for label in labels:
             A = self.operator(ctx, self._blocks[label])
-            if A.shape[0] == 1:
+            if A is None:  # a block frozen by its LR: its preconditioned block is 0
+                tops.append(0.0)
+                traces += [0.0] if with_trace else []
+            elif A.shape[0] == 1:
                 tops.append(float((A @ torch.ones(1, dtype=A.dtype, device=A.device))[0]))
             else:
                 tops.append(float(lanczos(A, k=1, tol=self.tol, max_iters=self.max_iters,
                                           generator=ctx.generator).eigenvalues[0]))
-            if with_trace:
+            if with_trace and A is not None:
                 traces.append(self.trace(A, ctx))
         records = [Record(f"{self.name}_blocks", tops, labels,
                           "top eigenvalue of each diagonal Hessian block")]
@@ -314,24 +345,41 @@ class Sharpness(_HessianMeasurement):
     traffic of float64).
     ``warm_start=False`` starts every measurement from a random vector (for comparison). The
     products of each measurement are logged as ``<name>_matvecs`` and kept in ``num_matvecs``.
+
+    Learning rates under a scheduler. A preconditioned sharpness is ``lambda_max(D H)`` in units
+    of the base LR ``eta_0 = optimizer.defaults["lr"]``, with ``D`` built from each group's LR in
+    ``optimizer.param_groups`` at measurement time over ``eta_0``: the LR of the step about to be
+    taken, since torch's schedulers (called after ``optimizer.step()``), Lightning and the HF
+    Trainer update it before the Monitor runs. The threshold is the line of ``eta_0``
+    (:func:`eos_threshold`), a constant, so ``sharpness / threshold`` is the stability ratio of
+    the next step. ``lr="base"`` builds ``D`` from each group's LR before any scheduler changed
+    it (``initial_lr``; metric ``<name>_base``, e.g. ``sharpness_adam_base``): the curvature the
+    run would meet at its base LR, readable during a warm-up, against the same line. While every
+    group's LR is 0 the scheduled quantity is skipped (``<name>_skipped``, reason
+    ``SKIP_REASONS[0]``; no step is taken), and parameters whose own LR is 0 drop out of ``D H``
+    (their rows are 0). Adam's preconditioner does not exist before the first optimizer step:
+    those measurements are skipped too. A raw sharpness does not depend on the LR; its threshold
+    ``2 / eta`` follows the scheduled LR and is not logged while the LR is 0.
     """
 
     def __init__(self, *, k: int = 1, preconditioned: str | None = None,
                  tol: float = TRACKING_TOL, max_iters: int | None = None, blocks: Any = None,
                  warm_start: bool = True, warm_vectors: int | None = None,
-                 probe_size: int | None = None, **schedule: Any) -> None:
-        schedule.setdefault("name", "sharpness" + (f"_{preconditioned}" if preconditioned else ""))
+                 probe_size: int | None = None, lr: str = "current", **schedule: Any) -> None:
+        schedule.setdefault("name", "sharpness" + (f"_{preconditioned}" if preconditioned else "")
+                            + ("_base" if lr == "base" else ""))
         super().__init__(k=k, tol=tol, max_iters=max_iters, blocks=blocks,
                          preconditioned=preconditioned, warm_start=warm_start,
-                         warm_vectors=warm_vectors, probe_size=probe_size, **schedule)
+                         warm_vectors=warm_vectors, probe_size=probe_size, lr=lr, **schedule)
 
-    def measure(self, ctx: Context) -> list[Record]:
-        if not self.ready(ctx):
-            return []
+    def measure(self, ctx: Context) -> list[Record | Skip]:
+        reason = self.skip_reason(ctx)
+        if reason is not None:
+            return [Skip(self.name, reason)]
         result = self.top(ctx)
         values = result.eigenvalues
         threshold = eos_threshold(self.kind, ctx.optimizer)
-        records = [Record(self.name, values[0] if self.k == 1 else values,
+        records: list[Record | Skip] = [Record(self.name, values[0] if self.k == 1 else values,
                           None if self.k == 1 else [str(i) for i in range(self.k)],
                           "top Hessian eigenvalue" + ("s" if self.k > 1 else "")
                           + (f", preconditioned by {self.kind}" if self.kind else ""), threshold)]
@@ -354,20 +402,22 @@ class HessianSpectrum(_HessianMeasurement):
                  num_iters: int = 30, trace_matvecs: int = 60, tol: float = TRACKING_TOL,
                  max_iters: int | None = None, blocks: Any = None,
                  preconditioned: str | None = None, warm_vectors: int | None = None,
-                 probe_size: int | None = None, **schedule: Any) -> None:
+                 probe_size: int | None = None, lr: str = "current", **schedule: Any) -> None:
         schedule.setdefault("name", "hessian")
         super().__init__(k=k, tol=tol, max_iters=max_iters, blocks=blocks,
                          preconditioned=preconditioned, warm_vectors=warm_vectors,
-                         probe_size=probe_size, **schedule)
+                         probe_size=probe_size, lr=lr, **schedule)
         self.density, self.num_probes, self.num_iters = density, num_probes, num_iters
         self.trace_matvecs = trace_matvecs
 
-    def measure(self, ctx: Context) -> list[Record]:
-        if not self.ready(ctx):
-            return []
+    def measure(self, ctx: Context) -> list[Record | Skip]:
+        reason = self.skip_reason(ctx)
+        if reason is not None:
+            return [Skip(self.name, reason)]
         result = self.top(ctx)
-        records = [Record(f"{self.name}_top", result.eigenvalues, [str(i) for i in range(self.k)],
-                          f"top-{self.k} Hessian eigenvalues"), self.matvec_record(result)]
+        records: list[Record | Skip] = [
+            Record(f"{self.name}_top", result.eigenvalues, [str(i) for i in range(self.k)],
+                   f"top-{self.k} Hessian eigenvalues"), self.matvec_record(result)]
         if self.density:
             A = self.operator(ctx)
             sd = spectral_density(A, num_probes=self.num_probes,
@@ -388,7 +438,7 @@ class NTKSpectrum(Measurement):
     one-hot encoded) and distance from the first measured kernel (``ntk_distance_from_start``).
     ``size`` keeps only the first ``size`` examples (the kernel costs ``size^2``). With the
     Monitor's optimizer the kernel is LR-weighted, ``J D J^T`` with ``D = lr_scales`` (the kernel
-    of one step, ``df = -eta J D J^T grad_f L``; MATH.md section 4), so that per-layer learning
+    of one step, ``df = -eta J D J^T grad_f L``; docs/math.md section 4), so that per-layer learning
     rates (muP) count; ``lr_weighted=False`` gives ``J J^T``. ``output`` picks the kernel's output
     tensor (default: the Monitor's ``output``), e.g. ``lambda o: o.logits[:, -1]`` for a language
     model's last position; outputs beyond ``(n, k)`` are flattened. Alignment is logged when the
@@ -402,10 +452,12 @@ class NTKSpectrum(Measurement):
         self.k, self.size, self.lr_weighted, self.output = k, size, lr_weighted, output
         self._first: torch.Tensor | None = None
 
-    def measure(self, ctx: Context) -> list[Record]:
+    def measure(self, ctx: Context) -> list[Record | Skip]:
+        weighted = self.lr_weighted and ctx.optimizer is not None
+        if weighted and _all_lr_zero(ctx.optimizer):
+            return [Skip(self.name, LR_ZERO)]  # the kernel of a step of size 0 is 0
         x, y = ctx.first_batch if self.size is None else take_batch(ctx.first_batch, self.size)
-        scales = _scales("lr", ctx.optimizer, ctx.model, "NTKSpectrum") \
-            if self.lr_weighted and ctx.optimizer is not None else None
+        scales = _scales("lr", ctx.optimizer, ctx.model, "NTKSpectrum") if weighted else None
         K = empirical_ntk(ctx.model, x, outputs="trace", scales=scales,
                           output=ctx.output if self.output is None else self.output)  # (n, n)
         if not isinstance(K, torch.Tensor):  # per_layer=True is never asked for here
@@ -414,7 +466,7 @@ class NTKSpectrum(Measurement):
         eig = torch.linalg.eigvalsh(K.double()).flip(0)[:k]  # (k,), largest first
         if self._first is None:
             self._first = K.detach().clone()
-        records = [Record(f"{self.name}_top", eig, [str(i) for i in range(k)],
+        records: list[Record | Skip] = [Record(f"{self.name}_top", eig, [str(i) for i in range(k)],
                           "top eigenvalues of the empirical NTK (trace over outputs)")]
         if isinstance(y, torch.Tensor) and y.shape[:1] == K.shape[:1] and (
                 y.is_floating_point() or y.ndim == 1):  # one target row per example
@@ -429,7 +481,9 @@ class NTKSpectrum(Measurement):
 
 class FeatureSpeed(Measurement):
     """:func:`~curvlab.feature_speed` on the probe's first batch, with the optimizer's per-group
-    learning rates when the Monitor has an optimizer. One ``(layers,)`` metric per quantity."""
+    learning rates when the Monitor has an optimizer. One ``(layers,)`` metric per quantity.
+    Skipped (``feature_skipped``) while every group's LR is 0: the step moves no feature, so the
+    angle between the feature update and the backward pass does not exist."""
 
     name = "feature"
 
@@ -437,7 +491,9 @@ class FeatureSpeed(Measurement):
         super().__init__(**schedule)
         self.layers = layers
 
-    def measure(self, ctx: Context) -> list[Record]:
+    def measure(self, ctx: Context) -> list[Record | Skip]:
+        if ctx.optimizer is not None and _all_lr_zero(ctx.optimizer):
+            return [Skip(self.name, LR_ZERO)]  # no feature update: its angle is undefined
         r = feature_speed(ctx.model, ctx.loss_fn, ctx.first_batch, layers=self.layers,
                           optimizer=ctx.optimizer, output=ctx.output)
         return [Record(f"{self.name}_{key}", value, r.layers, f"feature speed: {key} per layer")

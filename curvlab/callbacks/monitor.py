@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -118,8 +119,41 @@ class Record:
     threshold: float | None = None
 
 
+@dataclass(frozen=True)
+class Skip:
+    """A measurement not taken at a step, and why: ``reason`` is one of :data:`SKIP_REASONS`.
+
+    The Monitor logs it as the scalar metric ``<name>_skipped`` whose value indexes the metric's
+    ``codes`` attribute (the reason texts), so ``load_run(path).skipped(name)`` reads
+    ``{step: reason}`` back. Every scheduled step of a measurement is thus in ``<name>`` or in
+    ``<name>_skipped``.
+    """
+
+    name: str
+    reason: str
+
+    def __post_init__(self) -> None:
+        if self.reason not in SKIP_REASONS:
+            raise ValueError(f"Skip: reason must be one of curvlab.SKIP_REASONS {SKIP_REASONS}, "
+                             f"got {self.reason!r}")
+
+
+SKIP_REASONS = (
+    "lr 0: every parameter group has learning rate 0 (no step is taken, so the LR-weighted "
+    "quantity is 0 and its threshold infinite)",
+    "no optimizer state: Adam's preconditioner exists only after the first optimizer step",
+    "budget: the Monitor's share of wall time was spent",
+)
+LR_ZERO, NO_STATE, OVER_BUDGET = SKIP_REASONS
+
+
 class Measurement:
-    """Base class: a schedule, a name, and ``measure(ctx) -> list[Record]``."""
+    """Base class: a schedule, a name, and ``measure(ctx) -> Sequence[Record | Skip]``.
+
+    ``measure`` returns the records to log, or ``[Skip(self.name, reason)]`` when the quantity
+    does not exist at this step (see :data:`SKIP_REASONS`); it never raises for a state that
+    training passes through (an LR of 0 under a schedule, an optimizer without state yet).
+    """
 
     name = "measurement"
     eval_mode = True  # the Monitor runs it with the model in eval mode (flags restored after)
@@ -133,7 +167,7 @@ class Measurement:
     def setup(self, ctx: Context) -> None:
         """Check the measurement can run (called once, at ``on_train_start``)."""
 
-    def measure(self, ctx: Context) -> list[Record]:
+    def measure(self, ctx: Context) -> Sequence[Record | Skip]:
         raise NotImplementedError
 
 
@@ -185,28 +219,69 @@ class Monitor:
         self.spent = 0.0  # seconds inside measurements
         self.skipped = 0
         self._start: float | None = None
+        self._last: int | None = None  # the last step given to the hooks
+        self._resumed_after: int | None = None  # the resumed file's last committed step
 
     def _context(self, step: int) -> Context:
         generator = torch.Generator(device=_device(self.model)).manual_seed(self.seed + step)
         return Context(self.model, self.loss_fn, self.probe, self.optimizer, step, generator,
                        self.output, self.weights)
 
-    def on_train_start(self) -> None:
+    def on_train_start(self, step: int = 0) -> None:
+        """Set up the measurements and measure at ``step`` (0, the initialization; a resumed run
+        passes the optimizer steps its checkpoint had taken).
+
+        With a resumed logger (``RunLogger(..., mode="a")``) the steps the file already holds are
+        not measured again: measuring continues after the file's last committed step, and the
+        skipped range is reported once (a ``UserWarning``), since the training that follows
+        repeats steps whose values in the file come from the earlier attempt.
+        """
+        call = "Monitor.on_train_start"
+        _check_step(step, call)
         self._start = time.perf_counter()
         p = next(self.model.parameters())
         self.logger.update_env(device=p.device, dtype=p.dtype, **distributed.world_info())
-        ctx = self._context(0)
+        self._resumed_after = self._resumed_step()
+        if self._resumed_after is not None and step < self._resumed_after:
+            warnings.warn(f"{call}: {self.logger.path} already holds steps up to "
+                          f"{self._resumed_after}; training restarts at step {step}, so steps "
+                          f"{step}..{self._resumed_after} are not measured again (their rows "
+                          "come from the earlier attempt) and measuring continues after them",
+                          UserWarning, stacklevel=2)
+        ctx = self._context(step)
         for m in self.measurements:
             m.setup(ctx)
-        self.measure(0)
+        self._last = None
+        self._advance(step, call)
 
     def on_train_batch_end(self, step: int) -> None:
+        """Measure after an optimizer step; ``step`` is the number of optimizer steps taken.
+
+        A call with the step already seen is ignored, so a loop with gradient accumulation may
+        call it after every micro-batch (the step changes only when the optimizer steps). A step
+        before the last one is an error.
+        """
+        call = "Monitor.on_train_batch_end"
         if self._start is None:
-            raise ValueError("Monitor.on_train_batch_end: call on_train_start() first")
-        self.measure(step)
+            raise ValueError(f"{call}: call on_train_start() first")
+        _check_step(step, call)
+        self._advance(step, call)
 
     def on_train_end(self) -> None:
         self.logger.flush()
+
+    def _advance(self, step: int, call: str) -> None:
+        if self._last is not None and step < self._last:
+            raise ValueError(f"{call}: step {step} comes before step {self._last}, given earlier; "
+                             "steps are optimizer steps taken and never go back. After loading a "
+                             "checkpoint, build a new Monitor and call on_train_start(step) with "
+                             "the checkpoint's step")
+        if step == self._last:
+            return
+        self._last = step
+        if self._resumed_after is not None and step <= self._resumed_after:
+            return  # already in the resumed file
+        self.measure(step)
 
     def measure(self, step: int) -> None:
         """Run the measurements due at ``step`` (respecting the budget) and log them."""
@@ -216,6 +291,8 @@ class Monitor:
         if self._over_budget():
             self.skipped += len(due)
             self.logger.log(step, monitor_skipped=self.skipped)
+            for m in due:
+                self._log_skip(step, Skip(m.name, OVER_BUDGET))
             return
         device = _device(self.model)
         for m in due:
@@ -226,17 +303,40 @@ class Monitor:
             seconds = time.perf_counter() - start
             self.spent += seconds
             for r in records:
-                value = (r.value.detach().cpu().double().numpy() if isinstance(r.value, Tensor)
-                         else np.asarray(r.value, dtype=np.float64))  # lists stay float64
-                if r.name not in self.logger:
-                    self.logger.declare(r.name, size=value.size if value.ndim else None,
-                                        labels=r.labels, description=r.description,
-                                        threshold=r.threshold)
-                if value.ndim == 0:
-                    self.logger.log(step, **{r.name: float(value)})
+                if isinstance(r, Skip):
+                    self._log_skip(step, r)
                 else:
-                    self.logger.log_array(step, r.name, value)
+                    self._log_record(step, r)
             self.logger.log(step, **{f"time_{m.name}": seconds})
+
+    def _log_record(self, step: int, r: Record) -> None:
+        value = (r.value.detach().cpu().double().numpy() if isinstance(r.value, Tensor)
+                 else np.asarray(r.value, dtype=np.float64))  # lists stay float64
+        if r.name not in self.logger:
+            self.logger.declare(r.name, size=value.size if value.ndim else None, labels=r.labels,
+                                description=r.description, threshold=r.threshold)
+        if value.ndim == 0:
+            self.logger.log(step, **{r.name: float(value)})
+        else:
+            self.logger.log_array(step, r.name, value)
+
+    def _log_skip(self, step: int, skip: Skip) -> None:
+        name = f"{skip.name}_skipped"
+        if name not in self.logger:
+            self.logger.declare(name, codes=SKIP_REASONS, description=(
+                f"steps at which {skip.name!r} was not measured; the value indexes the codes "
+                "(the reasons)"))
+        self.logger.log(step, **{name: float(SKIP_REASONS.index(skip.reason))})
+
+    def _resumed_step(self) -> int | None:
+        """The logger's last committed step; under ``torch.distributed``, rank 0's (the writer's),
+        so that every rank skips the same steps and the collective measurements stay matched."""
+        last = self.logger.last_step()
+        if not distributed.is_active():
+            return last
+        t = torch.tensor([-1 if last is None else last], device=_device(self.model))
+        torch.distributed.broadcast(t, src=0)
+        return None if int(t) < 0 else int(t)
 
     def _over_budget(self) -> bool:
         if self.budget is None or self._start is None:
@@ -256,6 +356,12 @@ def _modes_restored(model: nn.Module, *, eval_mode: bool) -> Iterator[None]:
     finally:
         for module, flag in flags:
             module.training = flag
+
+
+def _check_step(step: Any, call: str) -> None:
+    if isinstance(step, bool) or not isinstance(step, int | np.integer) or step < 0:
+        raise TypeError(f"{call}: step must be a non-negative int (optimizer steps taken), got "
+                        f"{step!r}")
 
 
 def _device(model: nn.Module) -> torch.device:
