@@ -2,18 +2,18 @@
 hessian-eigenthings (``curvlab bench hvp``).
 
 For each model (the MLP 784-512-512-10 at batch 1024, the CNN and the one-block transformer of
-``hvp.py``; on CUDA also a GPT-2-small-sized transformer) and one seeded batch and vector:
+``problems.py``; on CUDA also a GPT-2-small-sized transformer) and one seeded batch and vector:
 
 1. **Agreement first.** In float64 (a copy of the model), every library's ``H v`` is compared with
    curvlab's; a library whose relative 2-norm difference exceeds 1e-8 is reported and not timed.
 2. **Time.** In the run's dtype (float32 by default; ``--dtype bfloat16``), the gradient, curvlab's
    default product (``HessianOperator(model, loss, (x, y)) @ v``: reverse-over-reverse on the kept
    first-order graph), plain double backward and each library's product are timed interleaved
-   (round robin, rotating order, ``hvp.time_interleaved``) after a warm-up; operators and graphs
+   (round robin, rotating order, ``harness.time_interleaved``) after a warm-up; operators and graphs
    are built outside the timing, as each library documents its use. Reported: median ms per
    product, the multiple of one gradient, products per second (also for curvlab's ``H @ V`` at
    m = 8, per vector), and curvlab's time over the fastest library's, paired by round with a 95%
-   bootstrap interval (target <= 1).
+   interval (order statistics; ``--stats bootstrap`` for a bootstrap), target <= 1.
 3. **Peak memory** of building each method and running three products: on CPU in a fresh
    subprocess per method (``VmHWM`` after resetting it, minus the resident size before), on CUDA
    ``torch.cuda.max_memory_allocated`` minus the allocation before.
@@ -35,26 +35,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import harness as h
 import torch
-from hvp import (
-    busy_seconds,
-    environment,
-    fmt,
-    header,
-    make_problem,
-    median,
-    paired_ratio,
-    save,
-    time_interleaved,
-    write_section,
-)
+from harness import environment
+from problems import make_problem
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import curvlab as cl
 from curvlab.testing import TransformerBlock
 
-HERE = Path(__file__).resolve().parent
 MODELS = ("mlp", "cnn", "transformer", "gpt2")
 LIBRARIES = ("PyHessian", "curvlinops", "hessian-eigenthings")
 AGREE = 1e-8  # relative 2-norm difference allowed in float64
@@ -234,8 +224,8 @@ def peak_memory(name: str, label: str, args: argparse.Namespace, device: torch.d
         release(model)
         return float(peak)
     cmd = [sys.executable, __file__, "--memory-child", name, label, "--dtype", args.dtype]
-    out = subprocess.run(cmd + (["--quick"] if args.quick else []), capture_output=True,
-                         text=True, timeout=600, check=False)
+    cmd += ["--quick"] * args.quick + ["--malloc-tuning"] * getattr(args, "malloc_tuning", False)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
     if out.returncode != 0:
         print(f"  memory of {label} failed: {out.stderr.strip()[-300:]}", file=sys.stderr)
         return None
@@ -259,29 +249,31 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> di
         fns = {label: BUILDERS[label](model, crit, x, y, v) for label in timed}
         H = cl.HessianOperator(model, crit, (x, y))
         fns["curvlab (default) H @ V, m=8"] = lambda H=H: H @ V8
-        samples = time_interleaved(fns, args.repeats, args.warmup, device)
+        samples = h.time_interleaved(fns, args.repeats, args.warmup, device)
         del fns, H
         release(model)
         memory = {label: peak_memory(name, label, args, device, model, x, y, v)
                   for label in timed} if not args.no_memory else {}
-    per_product = {label: median(s) / (8 if label.endswith("m=8") else 1)
+    per_product = {label: h.median(s) / (8 if label.endswith("m=8") else 1)
                    for label, s in samples.items()}
     fastest = min((lib for lib in libraries if lib in samples), key=lambda k: per_product[k],
                   default=None)
-    target = None if fastest is None else paired_ratio(samples["curvlab (default)"],
-                                                       samples[fastest])
+    stats = getattr(args, "stats", "simple")  # callers may pass a bare Namespace
+    target = None if fastest is None else h.paired_ratio(samples["curvlab (default)"],
+                                                         samples[fastest], stats=stats)
     return {"description": text, "num_params": P, "dtype": args.dtype,
             "missing": [lib for lib in LIBRARIES if not have[lib]],
             "float64_relative_difference": diffs, "seconds_per_product": per_product,
             "x_gradient": {k: t / per_product["gradient"] for k, t in per_product.items()},
             "products_per_s": {k: 1 / t for k, t in per_product.items() if k != "gradient"},
+            "summary_s_per_call": {k: h.summary(s) for k, s in samples.items()},
             "peak_memory_bytes": memory, "fastest_library": fastest,
             "curvlab_over_fastest_library": target}
 
 
 def markdown(result: dict[str, Any]) -> str:
     s = result["settings"]
-    lines = [*header(result, f"{s['dtype']}, median of {s['repeats']} interleaved repeats"),
+    lines = [*h.header(result, f"{s['dtype']}, median of {s['repeats']} interleaved repeats"),
              "| model | method | agrees (float64 rel. diff.) | ms per product | x gradient | "
              "products/s | peak memory MB (x gradient) |", "|---|---|---|---:|---:|---:|---:|"]
     for r in result["models"].values():
@@ -307,49 +299,42 @@ def markdown(result: dict[str, Any]) -> str:
               "(target <= 1):", ""]
     for name, r in result["models"].items():
         lines.append(f"- {name}: {r['fastest_library'] or 'no library'}: "
-                     f"{fmt(r['curvlab_over_fastest_library'])}")
+                     f"{h.fmt(r['curvlab_over_fastest_library'])}")
     return "\n".join(lines) + "\n"
 
 
 def write_readme() -> None:
-    write_section("compare_hvp", "Side by side: Hessian-vector products",
-                  "Generated by `curvlab bench hvp` (`benchmarks/compare_hvp.py`) from "
-                  "`results/compare_hvp_<device>.json`.", markdown)
+    h.write_section("compare_hvp", "Side by side: Hessian-vector products",
+                    "Generated by `curvlab bench hvp` (`benchmarks/compare_hvp.py`) from "
+                    "`results/compare_hvp_<device>.json`.", markdown)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="curvlab bench hvp", description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser = argparse.ArgumentParser(prog="curvlab bench hvp", description=__doc__.splitlines()[0],
+                                     parents=[h.options(repeats=(15, 3), stats=True)])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float64"])
     parser.add_argument("--models", nargs="+", choices=MODELS, default=None,
                         help="default: mlp cnn transformer, plus gpt2 on CUDA")
-    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 15; 3)")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
-    parser.add_argument("--quick", action="store_true", help="small batches, 3 repeats")
-    parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--memory-child", nargs=2, metavar=("MODEL", "METHOD"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.threads or args.quick:
-        torch.set_num_threads(args.threads or 1)
+    malloc = h.setup(args)
     if args.memory_child:
         return memory_child(*args.memory_child, args.quick, getattr(torch, args.dtype))
     device = torch.device(args.device)
-    args.repeats = args.repeats or (3 if args.quick else 15)
     models = args.models or [*MODELS[:3], *(["gpt2"] if device.type == "cuda" else [])]
-    suffix = ("" if args.dtype == "float32" else f"_{args.dtype}") + ("_quick" if args.quick
-                                                                     else "")
-    out = args.out or HERE / "results" / f"compare_hvp_{device.type}{suffix}.json"
-    start, results = busy_seconds(), {}
+    out = h.out_path(args, "compare_hvp", device.type,
+                     "" if args.dtype == "float32" else f"_{args.dtype}")
+    start, results = h.busy_seconds(), {}
     for name in models:
         print(f"benchmarking {name} ...", file=sys.stderr, flush=True)
         results[name] = bench_model(name, args, device)
     result = {"settings": {"repeats": args.repeats, "warmup": args.warmup, "quick": args.quick,
-                           "dtype": args.dtype, "models": models, "agree_tol": AGREE},
+                           "dtype": args.dtype, "models": models, "agree_tol": AGREE,
+                           "stats": args.stats, "malloc": malloc},
               "environment": environment(device), "models": results}
-    save(result, start, out, markdown, write_readme)
+    h.save(result, start, out, markdown, write_readme)
 
 
 if __name__ == "__main__":

@@ -38,20 +38,16 @@ smoke run; results go to ``benchmarks/results/eigs_cpu.json`` and ``.md`` (``--o
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib
 import json
-import os
-import platform
-import subprocess
 import sys
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+import harness as h
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -71,7 +67,6 @@ try:
 except ImportError:
     he = None
 
-HERE = Path(__file__).resolve().parent
 KS, TARGETS, SEED, ZOO_CAP = (1, 5), (1e-3, 1e-6), 0, 500
 ISSUE_FACTS = ("measured before on a trained 1.8k-parameter tanh MLP (lambda2/lambda1 = 0.86): "
                "eigsh 21 products at tol 1e-4, PyHessian 12 with 2.7e-3 error, "
@@ -303,13 +298,11 @@ def fmt_cell(c: dict[str, Any]) -> str:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    env, st = result["environment"], result["settings"]
+    st = result["settings"]
     cells = [f"k={k} tol={t:.0e}" for k in KS for t in TARGETS]
     lines = ["## Top-k Hessian eigenvalues", "",
-             f"torch {env['torch']}, Python {env['python']}, {env['torch_threads']} threads on "
-             f"{env['cpu_count']} CPUs, {env['date']}, commit {(env['git_commit'] or '?')[:10]}; "
-             f"other load during the run {env['other_load_cores_during_run']} cores (timings "
-             "are one run each and noisy above 0.1; products are exact).", "",
+             *h.header(result, "timings of one run each, noisy above 0.1 cores of other load; "
+                               "products are exact"),
              "Cell: products / seconds / true relative error (max over the k eigenvalues); "
              "† = not converged by its own test. Power methods get at most "
              f"{st['zoo_power_cap_per_pair']} products per pair on the zoo and "
@@ -345,58 +338,23 @@ def markdown(result: dict[str, Any]) -> str:
 
 def seconds_per_product(H: cl.HessianOperator) -> float:
     """Fastest of 5 timed ``H @ v`` after a warm-up: the product's cost without interference."""
-    v, times = torch.randn(H.shape[0], dtype=H.dtype, generator=gen()), []
-    for _ in range(6):
-        start = time.perf_counter()
-        H @ v
-        times.append(time.perf_counter() - start)
-    return min(times[1:])
-
-
-def busy_seconds() -> tuple[float, float, float]:
-    """``(wall, CPU seconds busy on the machine incl. steal, CPU seconds of this process)``."""
-    ticks = [int(t) for t in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    own = os.times()
-    busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait
-    return time.perf_counter(), busy, own.user + own.system
-
-
-def git(*cmd: str) -> str | None:
-    try:
-        out = subprocess.run(["git", *cmd], cwd=HERE, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
-def environment() -> dict[str, Any]:
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return {"torch": torch.__version__, "python": platform.python_version(),
-            "platform": platform.platform(), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "git_commit": git("rev-parse", "HEAD"),
-            "git_dirty": None if status is None else bool(status),
-            "pyhessian": pyh is not None, "hessian_eigenthings": getattr(he, "__version__", None)}
+    v = torch.randn(H.shape[0], dtype=H.dtype, generator=gen())
+    return min(h.time_call(lambda: H @ v, 5, 1))
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="one zoo case, a small MLP")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     parents=[h.options(device=False)])
     parser.add_argument("--steps", type=int, default=None, help="SGD steps (default 200; 50)")
     parser.add_argument("--mlp-cap", type=int, default=None,
                         help="products per power-method run on the MLP (default 100; 40)")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    parser.add_argument("--out", type=Path, default=None, help="JSON path (default "
-                        "benchmarks/results/eigs_cpu[_quick].json); the .md goes next to it")
     args = parser.parse_args(argv)
     steps = args.steps or (50 if args.quick else 200)
     cap = args.mlp_cap or (40 if args.quick else 100)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    out = args.out or HERE / "results" / f"eigs_cpu{'_quick' if args.quick else ''}.json"
-    env, busy0 = environment(), busy_seconds()
+    h.setup(args)
+    env = h.environment("cpu", pyhessian=pyh is not None,
+                        hessian_eigenthings=getattr(he, "__version__", None))
+    start_load = h.busy_seconds()
     with sdpa_kernel(SDPBackend.MATH):  # the fused CPU attention kernels lack double backward
         problems = {name: zoo_problem(name) for name in (
             ("mlp_tanh",) if args.quick else ("mlp_tanh", "cnn", "transformer"))}
@@ -418,22 +376,15 @@ def main(argv: list[str] | None = None) -> None:
                               reference_products=ref.num_matvecs)
         previous = cl.lanczos(H, 5, tol=1e-3, generator=gen()).eigenvectors  # as in the table
         warm = warm_start(model, data, previous)
-    wall, busy, own = (b - a for a, b in zip(busy0, busy_seconds(), strict=True))
-    env["other_load_cores_during_run"] = round(max(0.0, busy - own) / wall, 2)  # > 0.1: noisy
-    env["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     result = {"settings": {"quick": args.quick, "ks": KS, "targets": TARGETS, "seed": SEED,
                            "sgd_steps": steps, "mlp_power_cap": cap,
                            "zoo_power_cap_per_pair": ZOO_CAP, "dtype": "float64"},
               "environment": env, "issue_reference_facts": ISSUE_FACTS, "problems": results,
               "warm_start": warm}
     result["targets"] = evaluate(results, warm)
-    text = markdown(result)
-    print(text)
+    h.save(result, start_load, h.out_path(args, "eigs"), markdown)
     for t in result["targets"]:
         print(f"{'PASS' if t['pass'] else 'FAIL'}: {t['target']}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    out.with_suffix(".md").write_text(text)
 
 
 if __name__ == "__main__":

@@ -35,11 +35,9 @@ results go to ``benchmarks/results/ntk_cpu.json`` and ``.md`` next to it (``--ou
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
-import platform
 import re
 import resource
 import statistics
@@ -51,14 +49,14 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import harness as h
 import torch
-from hvp import CNN  # the same CNN as the HVP benchmark (benchmarks/ is on sys.path)
+from problems import make_problem
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
 import curvlab as cl
 
-HERE = Path(__file__).resolve().parent
 MODELS = {"mlp": "MLP 784-512-512-10 ReLU", "cnn": "CNN conv3x3(16)-conv3x3/2(32)-linear, 1x28x28"}
 METHODS = ("curvlab auto", "curvlab structured", "curvlab jacobian", "curvlab ntvp",
            "torch.func vmap(jacrev)+einsum", "nngeometry GramMatrix")
@@ -66,17 +64,6 @@ CHUNK = {"curvlab ntvp": 64}  # columns per vmap call; the default (all n k at o
 MAX_SECONDS, MAX_BYTES, AUTO_SLACK, MLP_BUDGET = 60.0, 6 * 2**30, 1.25, 4 * 2**30
 ISSUE = {"model": "MLP 784-512-512-10", "n": 256, "structured (nngeometry)": {"s": 1.6, "MB": 52},
          "vmap(jacrev)+einsum": {"s": 81, "MB": 6600}, "NTK-vector products": {"s": 38}}
-
-
-def make_problem(name: str, n: int) -> tuple[nn.Module, torch.Tensor]:
-    """Seeded float32 model (eval mode) and random inputs ``x``."""
-    torch.manual_seed(0)
-    gen = torch.Generator().manual_seed(0)
-    if name == "mlp":
-        model: nn.Module = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512),
-                                         nn.ReLU(), nn.Linear(512, 10))
-        return model.eval(), torch.randn(n, 784, generator=gen)
-    return CNN().eval(), torch.randn(n, 1, 28, 28, generator=gen)
 
 
 def torch_func_ntk(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -121,7 +108,7 @@ def rss_bytes() -> int:
 
 def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
     """In the worker process: time one (model, n, method) and measure its peak memory."""
-    model, x = make_problem(spec["model"], spec["n"])
+    model, x, _, _ = make_problem(spec["model"], False, n=spec["n"])  # seeded, eval mode
     kernel_function(spec["method"], model, x[:2])()  # lazy imports and one-time set-up
     fn = kernel_function(spec["method"], model, x)
     base = rss_bytes()
@@ -147,33 +134,21 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def cpu_seconds() -> tuple[float, float, float]:
-    """``(wall, CPU seconds busy on the machine, CPU seconds of this process and its cells)``."""
-    ticks = [int(t) for t in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait
-    t = os.times()
-    return time.perf_counter(), busy, t.user + t.system + t.children_user + t.children_system
-
-
-def other_load(start: tuple[float, float, float]) -> float:
-    """Cores kept busy by other processes since ``start`` (this process and its cells excluded)."""
-    wall, busy, own = (b - a for a, b in zip(start, cpu_seconds(), strict=True))
-    return max(0.0, busy - own) / max(wall, 1e-9)
-
-
 def wait_idle(limit: float) -> float:
     """Wait (up to ``limit`` seconds) until other processes use under 0.3 cores; seconds waited."""
     t0 = time.perf_counter()
-    while True:
-        start = cpu_seconds()
+    while limit > 0:
+        start = h.busy_seconds()
         time.sleep(2)
-        if other_load(start) < 0.3 or time.perf_counter() - t0 > limit:
-            return time.perf_counter() - t0
+        load = h.other_load(start)
+        if load is None or load < 0.3 or time.perf_counter() - t0 > limit:
+            break
+    return time.perf_counter() - t0
 
 
 def spawn_cell(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
     """Run ``run_cell`` in a fresh interpreter; errors and timeouts come back as a note."""
-    cmd, start = [sys.executable, __file__, "--worker", json.dumps(spec)], cpu_seconds()
+    cmd, start = [sys.executable, __file__, "--worker", json.dumps(spec)], h.busy_seconds()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -181,7 +156,8 @@ def spawn_cell(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
         return {"skipped": f"failed (exit {proc.returncode}): {tail[:160]}"}
-    return {**json.loads(proc.stdout.strip().splitlines()[-1]), "other_load": other_load(start)}
+    return {**json.loads(proc.stdout.strip().splitlines()[-1]),
+            "other_load": h.other_load(start)}
 
 
 def estimate(prev: list[tuple[int, dict[str, Any]]], n: int) -> tuple[float, float] | None:
@@ -205,27 +181,6 @@ def available_methods() -> list[str]:
         print("nngeometry is not installed: its cells are skipped", file=sys.stderr)
         return list(METHODS[:-1])
     return list(METHODS)
-
-
-def environment() -> dict[str, Any]:
-    def git(*cmd: str) -> str | None:
-        try:
-            out = subprocess.run(["git", *cmd], cwd=HERE, capture_output=True, text=True)
-        except OSError:
-            return None
-        return out.stdout.strip() if out.returncode == 0 else None
-
-    cpu = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-           if ln.startswith("model name")] if Path("/proc/cpuinfo").exists() else []
-    return {"torch": torch.__version__, "python": platform.python_version(),
-            "nngeometry": metadata.version("nngeometry") if "nngeometry" in sys.modules
-            else None,
-            "platform": platform.platform(), "cpu": cpu[0] if cpu else platform.machine(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "load_average_at_start": list(os.getloadavg()),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "git_commit": git("rev-parse", "HEAD"),
-            "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
 
 
 def targets(cells: dict[str, dict[str, dict[str, Any]]], sizes: list[int]) -> dict[str, Any]:
@@ -257,14 +212,10 @@ def targets(cells: dict[str, dict[str, dict[str, Any]]], sizes: list[int]) -> di
 
 
 def markdown(result: dict[str, Any]) -> str:
-    env, lines = result["environment"], []
-    lines += ["## Empirical NTK, full kernel (n, n, 10, 10), float32, CPU", "",
-              f"torch {env['torch']}, Python {env['python']}, nngeometry {env['nngeometry']}, "
-              f"{env['cpu']}, {env['torch_threads']} threads, {env['date']}, commit "
-              f"{(env['git_commit'] or '?')[:10]}, other load "
-              f"{env['other_load_cores_during_run']:.2f} cores. Time: median of up to 5 calls "
-              "after a warm-up; memory: peak RSS of the cell's own process above its baseline.",
-              "",
+    lines = ["## Empirical NTK, full kernel (n, n, 10, 10), float32, CPU", "",
+             *h.header(result, f"nngeometry {result['environment']['nngeometry']}; time: median "
+                               "of up to 5 calls after a warm-up; memory: peak RSS of the "
+                               "cell's own process above its baseline"),
               "| model | n | method | time (s) | peak memory (MiB) | rel. error vs jacobian | "
               "other load (cores) | note |", "|---|---:|---|---:|---:|---:|---:|---|"]
     for key, row in result["cells"].items():
@@ -274,7 +225,7 @@ def markdown(result: dict[str, Any]) -> str:
             cells = ([f"{r['seconds']:.3f}", f"{r['peak_bytes'] / 2**20:.0f}"] if "seconds" in r
                      else ["-", "-"])
             cells.append("" if err is None else f"{err:.1e}")
-            cells.append(f"{r['other_load']:.2f}" if "other_load" in r else "")
+            cells.append(f"{r['other_load']:.2f}" if r.get("other_load") is not None else "")
             note = r.get("skipped", "") or (f"chose {r['auto_chose']}" if "auto_chose" in r
                                             else f"{len(r['times'])} timed")
             lines.append(f"| {model} | {n} | {method} | {' | '.join(cells)} | {note} |")
@@ -320,39 +271,34 @@ def bench_row(model: str, n: int, methods: list[str], history: dict[str, list[An
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="JSON path (default benchmarks/results/ntk_cpu[_quick].json)")
-    parser.add_argument("--wait-idle", type=float, default=300, help="seconds to wait, before "
-                        "each cell, for other processes to leave the CPU (default 300)")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     parents=[h.options(device=False, threads=False)])
+    parser.add_argument("--wait-idle", type=float, default=None, help="seconds to wait, before "
+                        "each cell, for other processes to leave the CPU (default 300; 0 with "
+                        "--quick)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(run_cell(json.loads(args.worker))))
         return
+    wait = args.wait_idle if args.wait_idle is not None else 0 if args.quick else 300
     sizes = [4, 16] if args.quick else [64, 256, 1024]
-    out = args.out or HERE / "results" / f"ntk_cpu{'_quick' if args.quick else ''}.json"
-    methods, env, start = available_methods(), environment(), cpu_seconds()
+    methods, start = available_methods(), h.busy_seconds()
+    env = h.environment("cpu", nngeometry=metadata.version("nngeometry")
+                        if "nngeometry" in sys.modules else None)
     cells = {}
     with tempfile.TemporaryDirectory() as tmp:
         for model in MODELS:
             history: dict[str, list[Any]] = {}
             for n in sizes:
                 cells[f"{model} n={n}"] = bench_row(model, n, methods, history,
-                                                    tmp if n == sizes[0] else None, args.wait_idle)
-    env["load_average_at_end"] = list(os.getloadavg())
-    env["other_load_cores_during_run"] = other_load(start)  # well above 0.1: noisy timings
+                                                    tmp if n == sizes[0] else None, wait)
     result = {"settings": {"sizes": sizes, "quick": args.quick, "dtype": "float32", "k": 10,
-                           "chunk_size": CHUNK, "wait_idle_s": args.wait_idle,
+                           "chunk_size": CHUNK, "wait_idle_s": wait,
                            "max_seconds": MAX_SECONDS, "max_bytes": MAX_BYTES, "models": MODELS},
               "environment": env, "issue": ISSUE, "cells": cells,
               "targets": targets(cells, sizes)}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    text = markdown(result)
-    out.with_suffix(".md").write_text(text)
-    print(text)
+    h.save(result, start, h.out_path(args, "ntk"), markdown)
 
 
 if __name__ == "__main__":
