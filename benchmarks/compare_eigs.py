@@ -20,7 +20,9 @@ model). A run *reaches* 1e-3 when that error is at most 1e-3. Target (PASS/FAIL,
 JSON): curvlab's default top-1 run reaches 1e-3 with fewer products than every library default
 that reaches it (one that never reaches it cannot be faster).
 
-Results go to ``benchmarks/results/compare_eigs_<device>.json`` and ``.md``.
+Run ``curvlab bench eigs`` or ``python benchmarks/compare_eigs.py`` (``--quick``: small batches,
+about a minute). Results go to ``benchmarks/results/compare_eigs_<device>.json`` and ``.md``
+(``--out`` to change).
 """
 
 from __future__ import annotations

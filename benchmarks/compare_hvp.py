@@ -18,9 +18,11 @@ For each model (the MLP 784-512-512-10 at batch 1024, the CNN and the one-block 
    subprocess per method (``VmHWM`` after resetting it, minus the resident size before), on CUDA
    ``torch.cuda.max_memory_allocated`` minus the allocation before.
 
-A library that is not installed (the ``compare`` extra) is reported as missing. Results go to
-``benchmarks/results/compare_hvp_<device>.json`` and ``.md``; the section of
-``benchmarks/README.md`` is regenerated from every full-run JSON there.
+A library that is not installed (the ``compare`` extra) is reported as missing. Run
+``curvlab bench hvp`` or ``python benchmarks/compare_hvp.py`` (``--quick``: small batches, 3
+repeats, under two minutes). Results go to ``benchmarks/results/compare_hvp_<device>.json`` and
+``.md`` (``--out`` to change); the section of ``benchmarks/README.md`` is regenerated from every
+full-run JSON there.
 """
 
 from __future__ import annotations

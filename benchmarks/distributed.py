@@ -9,8 +9,9 @@ a ratio to the one-process product. Also timed: the ``all_reduce`` of one (P + 1
 Threads: the one-process run uses all cores; W processes use ``max(1, cores // W)`` threads each,
 so that W > cores oversubscribes the machine (reported, not hidden).
 
-Run ``python benchmarks/distributed.py`` (about two minutes on two cores); results go to
-``benchmarks/results/distributed_<device>.json`` and ``.md``.
+Run ``python benchmarks/distributed.py`` (about two minutes on two cores; ``--quick``: N = 128,
+3 repeats, under half a minute); results go to ``benchmarks/results/distributed_<device>.json`` and
+``.md`` (``--out`` to change).
 """
 
 from __future__ import annotations
@@ -40,7 +41,9 @@ def worker(rank: int, world: int, folder: str, n: int, repeats: int, warmup: int
            malloc: bool) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     if malloc:
-        h.keep_freed_memory()
+        from malloc import keep_freed_memory
+
+        keep_freed_memory()
     dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous{world}", rank=rank,
                             world_size=world)
     try:

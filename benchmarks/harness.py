@@ -1,29 +1,18 @@
-"""The shared harness of the benchmark scripts: options, timing, ratios, environment, output.
+"""The shared harness of the benchmark scripts (``benchmarks/README.md``, section "Harness").
 
-Every script in ``benchmarks/`` runs on its own (``python benchmarks/<name>.py``, ``--quick`` for a
-smoke run of under two minutes) and uses this module for what they have in common:
-
-- :func:`options`: an argparse parent with ``--quick``, ``--out``, ``--device`` (cuda when
-  available), ``--threads``, and for timing scripts ``--repeats``, ``--warmup``, ``--stats
-  {simple,bootstrap}`` and ``--malloc-tuning``; :func:`setup` applies the threads and the malloc
-  setting, :func:`out_path` gives the default ``results/<name>_<device>[_quick].json``;
-- :func:`time_interleaved` / :func:`time_call`: seconds per call after a warm-up, synchronizing
-  CUDA around every call; :func:`summary`: median, quartiles, min and max;
-- :func:`paired_ratio` / :func:`pooled_ratio`: the median over rounds of the per-round ratio of
-  two callables timed in the same rounds, with a 95% interval: by default a distribution-free
-  interval of the median (order statistics), with ``--stats bootstrap`` a bootstrap from
-  ``stats.py`` (two levels, processes then rounds, when there are several processes);
-- :func:`environment`, :func:`busy_seconds`, :func:`other_load`: the record of the machine and
-  of the other work on it during the run;
-- :func:`save`, :func:`header`, :func:`write_section`: the JSON, its Markdown table, and the
-  generated sections of ``benchmarks/README.md``.
+- :func:`options` (an argparse parent: ``--quick``, ``--out``, ``--device``, ``--threads``,
+  ``--repeats``, ``--warmup``, ``--stats``, ``--malloc-tuning``), :func:`setup`, :func:`out_path`;
+- :func:`time_interleaved`, :func:`time_call`: seconds per call after a warm-up, CUDA synchronized
+  around every call; :func:`summary`: median, quartiles, min and max;
+- :func:`paired_ratio`, :func:`pooled_ratio`: the median per-round ratio of two callables timed in
+  the same rounds, with a 95% interval (order statistics; ``--stats bootstrap``: ``stats.py``);
+- :func:`environment`, :func:`busy_seconds`, :func:`other_load`: the machine and its other load;
+- :func:`save`, :func:`header`, :func:`write_section`: JSON, Markdown table, README sections.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import datetime
 import json
 import math
@@ -31,7 +20,6 @@ import os
 import platform
 import statistics
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -88,36 +76,16 @@ def setup(args: argparse.Namespace) -> dict[str, int] | None:
         del args.repeats_defaults
     if hasattr(args, "threads") and (args.threads or args.quick):
         torch.set_num_threads(args.threads or 1)
-    return keep_freed_memory() if getattr(args, "malloc_tuning", False) else None
+    if not getattr(args, "malloc_tuning", False):
+        return None
+    from malloc import keep_freed_memory  # opt-in
+
+    return keep_freed_memory()
 
 
 def out_path(args: argparse.Namespace, name: str, device: str = "cpu", suffix: str = "") -> Path:
     """``--out``, or ``results/<name>_<device><suffix>[_quick].json``."""
     return args.out or RESULTS / f"{name}_{device}{suffix}{'_quick' if args.quick else ''}.json"
-
-
-def keep_freed_memory(trim: int = 2**31 - 1, mmap: int = 1 << 25) -> dict[str, int] | None:
-    """Make glibc's malloc keep freed memory instead of returning it to the kernel.
-
-    Sets the trim threshold to ``trim`` bytes (the largest ``mallopt`` takes: a C ``int``) and the
-    mmap threshold to ``mmap`` (32 MiB), process-wide, so that the temporaries of repeated calls
-    reuse pages instead of faulting fresh ones in. Returns the settings, or ``None`` without
-    glibc. A value that does not fit a C ``int`` raises ``ValueError`` before anything is set
-    (ctypes would truncate it silently: ``2**34`` became 0, a trim on every free).
-    """
-    settings = {"M_TRIM_THRESHOLD": trim, "M_MMAP_THRESHOLD": mmap}
-    for key, value in settings.items():
-        if ctypes.c_int(value).value != value:
-            raise ValueError(f"keep_freed_memory: {key} must fit a C int (-2**31 to "
-                             f"2**31 - 1), got {value}; pass a value in that range")
-    name = ctypes.util.find_library("c")
-    if sys.platform != "linux" or name is None:
-        return None
-    libc = ctypes.CDLL(name)
-    codes = {"M_TRIM_THRESHOLD": -1, "M_MMAP_THRESHOLD": -3}  # glibc's malloc.h
-    if not all(libc.mallopt(codes[k], ctypes.c_int(v)) == 1 for k, v in settings.items()):
-        return None
-    return settings
 
 
 # ------------------------------------------------------------------ timing

@@ -35,7 +35,7 @@ statistics of all rounds pooled; with ``--stats bootstrap`` from a two-level boo
 The blocks m = 1, 8, 32 of each route are one more group (products/s in the table). Every timing
 runs with the math attention backend, which curvlab uses too (the fused CPU kernels have no double
 backward). ``--malloc-tuning`` (off by default) makes glibc's malloc keep freed memory
-(``harness.keep_freed_memory``) for every candidate alike, which takes the page faults of fresh
+(``malloc.keep_freed_memory``) for every candidate alike, which takes the page faults of fresh
 temporaries out of the timings (see benchmarks/README.md); the JSON records the setting.
 
 Targets (CPU, ratios within one run): with graph reuse, curvlab's product is no slower than
@@ -64,7 +64,8 @@ from typing import Any
 import harness as h
 import numpy as np
 import torch
-from harness import keep_freed_memory, verdict  # noqa: F401  (callers use hvp.<name>)
+from harness import verdict  # noqa: F401  (callers use hvp.<name>)
+from malloc import keep_freed_memory  # noqa: F401
 from problems import MODELS, make_problem
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
