@@ -38,9 +38,9 @@ def problem(n: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
 
 
 def worker(rank: int, world: int, folder: str, n: int, repeats: int, warmup: int,
-           malloc: bool) -> None:
+           tune_malloc: bool) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    if malloc:
+    if tune_malloc:
         from malloc import keep_freed_memory
 
         keep_freed_memory()
