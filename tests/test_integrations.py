@@ -193,31 +193,20 @@ def test_a_second_writer_on_a_run_file_is_refused_in_this_and_another_process(tm
 # --------------------------------------------------------------------- Hugging Face Trainer
 
 
-def _hf_train(tmp_path, with_callback: bool):
+def _fit_hf(tmp_path, model, rows, make_monitor=None, **arguments):
+    """Train ``model`` with ``transformers.Trainer`` on ``rows`` (CPU, no saving or logging),
+    with a Monitor from ``make_monitor(log)`` when given; returns the trained parameters."""
     import transformers
 
     from curvlab.callbacks.hf import CurvlabTrainerCallback
 
-    real = gpt2(torch.float32)
-    model = real.model.train()
-    rows = [{"input_ids": x["input_ids"][i], "attention_mask": x["attention_mask"][i],
-             "labels": labels[i]} for x, labels in real.batches for i in range(len(labels))]
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path / "hf"), max_steps=4, per_device_train_batch_size=2,
-        gradient_accumulation_steps=1, learning_rate=1e-3, lr_scheduler_type="constant",
-        report_to=[], save_strategy="no",
-        logging_strategy="no", use_cpu=True, seed=0, dataloader_num_workers=0,
-        disable_tqdm=True)
-    callbacks = []
-    log = None
-    if with_callback:
-        log = cl.RunLogger(tmp_path / "hf.h5", {"model": "gpt2"})
-        probe = real.batches[:2]  # fixed batches, given explicitly
-        mon = cl.Monitor(model, real.loss_fn, probe, log,
-                         [cl.Loss(every=1), cl.Sharpness(every=2, tol=1e-3, max_iters=20),
-                          cl.Sharpness(every=2, preconditioned="adam", tol=1e-3, max_iters=20),
-                          cl.FeatureSpeed(every=2)], weights=real.weights)
-        callbacks.append(CurvlabTrainerCallback(mon))
+        output_dir=str(tmp_path / "hf"), report_to=[], save_strategy="no", logging_strategy="no",
+        use_cpu=True, seed=0, dataloader_num_workers=0, disable_tqdm=True, **arguments)
+    callbacks, log = [], None
+    if make_monitor is not None:
+        log = cl.RunLogger(tmp_path / "hf.h5", {"model": type(model).__name__})
+        callbacks.append(CurvlabTrainerCallback(make_monitor(log)))
     trainer = transformers.Trainer(model=model, args=args, train_dataset=rows,
                                    callbacks=callbacks)
     with warnings.catch_warnings():
@@ -226,6 +215,53 @@ def _hf_train(tmp_path, with_callback: bool):
     if log is not None:
         log.close()
     return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _gpt2_rows(real):
+    return [{"input_ids": x["input_ids"][i], "attention_mask": x["attention_mask"][i],
+             "labels": labels[i]} for x, labels in real.batches for i in range(len(labels))]
+
+
+def _hf_train(tmp_path, with_callback: bool):
+    real = gpt2(torch.float32)
+    model = real.model.train()
+
+    def monitor(log):
+        probe = real.batches[:2]  # fixed batches, given explicitly
+        return cl.Monitor(model, real.loss_fn, probe, log,
+                          [cl.Loss(every=1), cl.Sharpness(every=2, tol=1e-3, max_iters=20),
+                           cl.Sharpness(every=2, preconditioned="adam", tol=1e-3, max_iters=20),
+                           cl.FeatureSpeed(every=2)], weights=real.weights)
+
+    return _fit_hf(tmp_path, model, _gpt2_rows(real), monitor if with_callback else None,
+                   max_steps=4, per_device_train_batch_size=2, learning_rate=1e-3,
+                   lr_scheduler_type="constant")
+
+
+def test_gpt2_under_a_warmup_cosine_schedule_to_zero_skips_the_lr_zero_steps(tmp_path):
+    """The user's case: a GPT-2 trained by the Trainer's AdamW with warm-up from 0 and a cosine
+    decay to 0; the Adam-preconditioned sharpness is skipped where it does not exist."""
+    real = gpt2(torch.float32)
+    model = real.model.train()
+
+    def monitor(log):
+        return cl.Monitor(model, real.loss_fn, real.batches[:2], log,
+                          [cl.Sharpness(every=2, preconditioned="adam", max_iters=20),
+                           cl.Sharpness(every=2, preconditioned="adam", lr="base", max_iters=20),
+                           cl.FeatureSpeed(every=2)], weights=real.weights)
+
+    _fit_hf(tmp_path, model, _gpt2_rows(real), monitor, max_steps=8, warmup_steps=2,
+            per_device_train_batch_size=2, learning_rate=1e-3, lr_scheduler_type="cosine")
+    run = cl.load_run(tmp_path / "hf.h5")
+    no_state, lr_zero = cl.SKIP_REASONS[1], cl.SKIP_REASONS[0]
+    assert run.skipped("sharpness_adam") == {0: no_state, 8: lr_zero}
+    assert run.skipped("sharpness_adam_base") == {0: no_state}
+    assert run.skipped("feature") == {0: lr_zero, 8: lr_zero}
+    assert run["sharpness_adam"].step.tolist() == [2, 4, 6]
+    assert run["sharpness_adam_base"].step.tolist() == [2, 4, 6, 8]
+    assert np.isfinite(run["sharpness_adam_base"].value).all()
+    # past the warm-up the scheduled LR is below the base LR, and so is its sharpness
+    assert (run["sharpness_adam"].value[1:] < run["sharpness_adam_base"].value[1:3]).all()
 
 
 def test_hf_trainer_callback_logs_a_run_and_leaves_training_bit_identical(tmp_path):
@@ -293,29 +329,15 @@ def _hf_measurements():
 
 
 def _hf_accumulation(tmp_path, with_callback: bool):
-    import transformers
-
-    from curvlab.callbacks.hf import CurvlabTrainerCallback
-
     model, x, y = _hf_problem()
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path / "hf"), max_steps=HF_STEPS, per_device_train_batch_size=HF_MICRO,
-        gradient_accumulation_steps=HF_ACCUMULATE, learning_rate=HF_LR, weight_decay=0.0,
-        lr_scheduler_type="constant", max_grad_norm=0.0, report_to=[], save_strategy="no",
-        logging_strategy="no", use_cpu=True, seed=0, dataloader_num_workers=0, disable_tqdm=True)
-    callbacks, log = [], None
-    if with_callback:
-        log = cl.RunLogger(tmp_path / "hf.h5", {"lr": HF_LR})
-        callbacks.append(CurvlabTrainerCallback(cl.Monitor(model, mse, (x, y), log,
-                                                           _hf_measurements())))
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=_Rows(x, y),
-                                   callbacks=callbacks)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.train()
-    if log is not None:
-        log.close()
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def monitor(log):
+        return cl.Monitor(model, mse, (x, y), log, _hf_measurements())
+
+    return _fit_hf(tmp_path, model, _Rows(x, y), monitor if with_callback else None,
+                   max_steps=HF_STEPS, per_device_train_batch_size=HF_MICRO,
+                   gradient_accumulation_steps=HF_ACCUMULATE, learning_rate=HF_LR,
+                   weight_decay=0.0, lr_scheduler_type="constant", max_grad_norm=0.0)
 
 
 def _plain_hf_accumulation(tmp_path):

@@ -250,24 +250,19 @@ class _HessianMeasurement(Measurement):
             H = preconditioned(H, scales)
         return H
 
-    def skip_reason(self, ctx: Context) -> str | None:
-        """Why the preconditioned operator does not exist now, or ``None``: Adam's
-        preconditioner exists only after the first optimizer step, and an LR of 0 in every
-        group (the ends of a warm-up + cosine schedule) takes no step (``lr="current"``)."""
+    def operator_or_skip(self, ctx: Context) -> tuple[Any, Skip | None]:
+        """The operator, or why it does not exist now: Adam's preconditioner exists only after
+        the first optimizer step, and a preconditioner that is 0 on every parameter (an LR of 0
+        in every group, the ends of a warm-up + cosine schedule) takes no step."""
         if self.kind == "adam" and not (ctx.optimizer is not None and ctx.optimizer.state):
-            return NO_STATE
-        if self.kind is not None and self.lr == "current" and _all_lr_zero(ctx.optimizer):
-            return LR_ZERO
-        return None
+            return None, Skip(self.name, NO_STATE)
+        A = self.operator(ctx)
+        return A, Skip(self.name, LR_ZERO) if A is None else None
 
-    def top(self, ctx: Context) -> Any:
-        """Top-``k`` eigenpairs: from the previous Ritz vectors by
+    def top(self, A: Any, ctx: Context) -> Any:
+        """Top-``k`` eigenpairs of ``A``: from the previous Ritz vectors by
         :func:`~curvlab.linalg.subspace_eigs` when there are any (and ``warm_start``), else by
         Lanczos from a random vector; the products are kept in ``num_matvecs``."""
-        A = self.operator(ctx)
-        if A is None:
-            raise ValueError(f"{type(self).__name__}: the preconditioner is 0 on every "
-                             "parameter; skip_reason() should have caught it")
         P, previous = A.shape[0], self._previous if self.warm_start else None
         keep = max(min(self.warm_vectors, P), self.k)
         # A float32 operator gets a float32 basis where the tolerance allows (half the traffic)
@@ -373,10 +368,10 @@ class Sharpness(_HessianMeasurement):
                          warm_vectors=warm_vectors, probe_size=probe_size, lr=lr, **schedule)
 
     def measure(self, ctx: Context) -> list[Record | Skip]:
-        reason = self.skip_reason(ctx)
-        if reason is not None:
-            return [Skip(self.name, reason)]
-        result = self.top(ctx)
+        A, skip = self.operator_or_skip(ctx)
+        if skip is not None:
+            return [skip]
+        result = self.top(A, ctx)
         values = result.eigenvalues
         threshold = eos_threshold(self.kind, ctx.optimizer)
         records: list[Record | Skip] = [Record(self.name, values[0] if self.k == 1 else values,
@@ -411,15 +406,14 @@ class HessianSpectrum(_HessianMeasurement):
         self.trace_matvecs = trace_matvecs
 
     def measure(self, ctx: Context) -> list[Record | Skip]:
-        reason = self.skip_reason(ctx)
-        if reason is not None:
-            return [Skip(self.name, reason)]
-        result = self.top(ctx)
+        A, skip = self.operator_or_skip(ctx)
+        if skip is not None:
+            return [skip]
+        result = self.top(A, ctx)
         records: list[Record | Skip] = [
             Record(f"{self.name}_top", result.eigenvalues, [str(i) for i in range(self.k)],
                    f"top-{self.k} Hessian eigenvalues"), self.matvec_record(result)]
         if self.density:
-            A = self.operator(ctx)
             sd = spectral_density(A, num_probes=self.num_probes,
                                   num_iters=min(self.num_iters, A.shape[0]),
                                   generator=ctx.generator)
