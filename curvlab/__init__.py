@@ -4,6 +4,8 @@ The README gives the tour of the public API; each module's docstring states its 
 sources, and ``curvlab.batches`` the convention for batches and model outputs.
 """
 
+import importlib.metadata
+
 from curvlab import batches, callbacks, distributed, func, layers, linalg, models, testing
 from curvlab.analysis import SuperConsistency, super_consistency, sweep_report
 from curvlab.batches import count_tokens
@@ -52,7 +54,7 @@ from curvlab.scaling import Exponent, fit_exponent
 from curvlab.sharpness import sharpness
 from curvlab.update_budget import MaximalUpdateLR, maximal_update_lr
 
-__version__ = "0.1.0"
+__version__ = importlib.metadata.version("curvlab")  # pyproject.toml, via the metadata
 
 __all__ = [
     "NTP",

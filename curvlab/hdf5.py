@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import importlib.metadata
 import json
 import os
 import platform
@@ -423,6 +424,4 @@ class RunLogger:
 
 
 def _curvlab_version() -> str:
-    from curvlab import __version__
-
-    return __version__
+    return importlib.metadata.version("curvlab")
