@@ -20,7 +20,7 @@ whose parameters differ (by per-parameter checksums: sum, sum of squares, positi
 
 A ``DistributedDataParallel`` model is unwrapped to its ``.module``: products call it with
 detached copies of the parameters swapped in (``torch.func.functional_call``, or the same swap
-through :class:`curvlab.func.Reparametrized` on the Hessian's reverse-over-reverse route), so
+through :class:`curvlab.fastpath.Reparametrized` on the Hessian's reverse-over-reverse route), so
 DDP's gradient hooks never fire (DDP supports neither double backward nor ``create_graph``) and
 its buffers are not synced.
 

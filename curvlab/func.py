@@ -1,14 +1,12 @@
-"""torch.func building blocks: parameter layout, the functional loss, and HVP factories.
+"""torch.func building blocks: the parameter layout and the model as a function of its tensors.
 
-Everything above this module works on flat vectors ``v (P,)`` and blocks ``V (P, m)``; this is the
-one place where they are converted to and from dicts of parameter tensors.
-
-Two exact Hessian-vector product routes (docs/math.md section 1):
-
-- forward-over-reverse, ``Hv = jvp(grad(L), (theta,), (v,))[1]`` (Pearlmutter 1994), which
-  recomputes the forward and backward for every call;
-- reverse-over-reverse, ``Hv = grad(<grad(L), v>)``: the first-order gradient is built once with
-  ``create_graph=True`` and every product is one second backward through that graph.
+Everything above this module works on flat vectors ``v (P,)`` and blocks ``V (P, m)``; the
+layout here is the one place where they are converted to and from dicts of parameter tensors.
+The functional loss ``theta -> L(theta)`` and outputs ``theta -> f(theta)`` built here are what
+the product factories of :mod:`curvlab.products` differentiate; :func:`forward_context` makes
+each forward a fixed, side-effect-free function (eval mode or frozen BatchNorm statistics, seeded
+Dropout, math attention). The reverse-mode fast path (slot swaps, the unchecked vjp) is apart, in
+:mod:`curvlab.fastpath`.
 
 Example:
     >>> import torch
@@ -23,7 +21,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import cached_property
@@ -31,17 +29,18 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jvp, vmap
+from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from curvlab.batches import Output, batch_size, call_args, call_model, pick_output
+from curvlab.batches import Output, batch_size, call_args, pick_output
 
 Params = dict[str, Tensor]
 Product = Callable[[Tensor], Tensor]  # V (P, m) -> (P, m)
+ModelCall = Callable[[Mapping[str, Tensor], Any], Any]  # (tensors, inputs) -> model outputs
 
 # Modules whose forward depends on the training flag in a way that changes the measured function.
-_BATCHNORM = nn.modules.batchnorm._BatchNorm
-_DROPOUT = nn.modules.dropout._DropoutNd
+BATCHNORM = nn.modules.batchnorm._BatchNorm
+DROPOUT = nn.modules.dropout._DropoutNd
 
 
 @dataclass(frozen=True)
@@ -153,7 +152,7 @@ def make_functional_loss(
     targets: Any,
     *,
     tie_weights: bool = True,
-    call: Reparametrized | None = None,
+    call: ModelCall | None = None,
     output: Output = "auto",
 ) -> Callable[[Params], Tensor]:
     """``theta -> loss_fn(pick(model(inputs; theta, frozen)), targets)`` by ``functional_call``.
@@ -162,10 +161,10 @@ def make_functional_loss(
 
     ``frozen`` holds the buffers and the parameters that are not differentiated; ``theta`` the rest.
     ``tie_weights=False`` (only for models without tied tensors, see :func:`has_tied_tensors`)
-    skips ``functional_call``'s search for aliases, a fixed cost of every call. ``call``, a
-    :class:`Reparametrized` of ``model`` for the names of ``frozen`` and ``theta``, does the same
-    swap with its name lookups done once (the Hessian's reverse-over-reverse route uses it; the
-    ``torch.func`` routes keep ``functional_call``).
+    skips ``functional_call``'s search for aliases, a fixed cost of every call. ``call(tensors,
+    inputs)``, e.g. a :class:`curvlab.fastpath.Reparametrized` of ``model`` for the names of
+    ``frozen`` and ``theta``, replaces that swap (the Hessian's reverse-over-reverse route passes
+    one, whose name lookups are done once; the ``torch.func`` routes keep ``functional_call``).
     """
 
     def loss(theta: Params) -> Tensor:
@@ -177,54 +176,6 @@ def make_functional_loss(
         return loss_fn(pick_output(outputs, output), targets)
 
     return loss
-
-
-class Reparametrized:
-    """``model(inputs)`` with named parameters and buffers replaced, as ``functional_call`` does.
-
-    ``functional_call`` (``torch.nn.utils.stateless``) puts each tensor into its module's
-    ``_parameters`` or ``_buffers`` slot for the call and the original back afterwards; this class
-    does exactly that, with the module and slot of every name looked up once at construction
-    instead of on every call. Only for models without tied tensors (:func:`has_tied_tensors`),
-    whose aliases ``functional_call`` resolves; the module structure is the one at construction.
-
-    Measured at batch 1, where the fixed costs show (one thread, 1,000 calls): the forward of the
-    transformer of benchmarks/hvp.py (16 tensors) costs 4 us more than ``model(x)`` this way and
-    62 us more through ``functional_call(tie_weights=False)``.
-
-    Example:
-        >>> model = torch.nn.Linear(2, 1)
-        >>> call = Reparametrized(model, ["weight", "bias"])
-        >>> call({"weight": torch.ones(1, 2), "bias": torch.zeros(1)}, torch.ones(3, 2)).flatten()
-        tensor([2., 2., 2.])
-        >>> model.bias.requires_grad  # the originals are back
-        True
-    """
-
-    def __init__(self, model: nn.Module, names: Iterable[str]) -> None:
-        self.model, self.names = model, tuple(names)
-        self._slots: list[tuple[dict[str, Any], str]] = []
-        inner = unwrap_compiled(model)  # a compiled wrapper is called; its module holds the slots
-        for name in self.names:
-            owner, _, attr = name.rpartition(".")
-            module = inner.get_submodule(owner)
-            table = module._parameters if attr in module._parameters else module._buffers
-            if attr not in table:
-                raise ValueError(f"Reparametrized: {name!r} is neither a parameter nor a buffer "
-                                 f"of the model; pass names from named_parameters() or "
-                                 "named_buffers()")
-            self._slots.append((table, attr))
-
-    def __call__(self, tensors: Mapping[str, Tensor], inputs: Any) -> Any:
-        slots = self._slots
-        originals = [table[attr] for table, attr in slots]
-        try:
-            for (table, attr), name in zip(slots, self.names, strict=True):
-                table[attr] = tensors[name]
-            return call_model(self.model, inputs)
-        finally:
-            for (table, attr), original in zip(slots, originals, strict=True):
-                table[attr] = original
 
 
 def has_tied_tensors(model: nn.Module) -> bool:
@@ -250,7 +201,7 @@ def stochastic_modules_in_train_mode(model: nn.Module) -> list[str]:
     found = []
     for name, m in model.named_modules():
         attention_dropout = isinstance(m, nn.MultiheadAttention) and m.dropout > 0
-        if m.training and (isinstance(m, _BATCHNORM | _DROPOUT) or attention_dropout):
+        if m.training and (isinstance(m, BATCHNORM | DROPOUT) or attention_dropout):
             found.append(name or type(m).__name__)
     return found
 
@@ -275,7 +226,7 @@ def forward_context(
     """
     modules = list(model.modules())
     flags = [m.training for m in modules]
-    tracking = [m for m in modules if isinstance(m, _BATCHNORM) and m.track_running_stats]
+    tracking = [m for m in modules if isinstance(m, BATCHNORM) and m.track_running_stats]
     evaluate = not train_mode and any(flags)  # skip the walks when already in eval mode
     generators = [torch.default_generator]
     if device.type == "cuda":
@@ -306,242 +257,3 @@ def _math_sdpa_only() -> bool:
     b = torch.backends.cuda
     return b.math_sdp_enabled() and not (b.flash_sdp_enabled() or b.mem_efficient_sdp_enabled()
                                          or b.cudnn_sdp_enabled())
-
-
-# The engine call inside torch.autograd.grad (torch >= 2.3); None where a torch lacks it.
-_ENGINE_RUN_BACKWARD = getattr(torch.autograd.graph, "_engine_run_backward", None)
-
-
-def vjp_unchecked(
-    outputs: Sequence[Tensor],
-    inputs: Sequence[Tensor],
-    grad_outputs: Sequence[Tensor],
-    *,
-    retain_graph: bool,
-    create_graph: bool = False,
-) -> tuple[Tensor, ...]:
-    """``torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=True,
-    materialize_grads=True)``: one tensor per input, zeros where it does not reach the outputs.
-
-    ``grad_outputs[k]`` must have the shape, dtype and device of ``outputs[k]``. The products
-    build theirs from the layout, so this calls the engine that ``torch.autograd.grad`` calls
-    without its Python checks of each grad_output (shape through the symbolic-shape helpers,
-    dtype, nesting): measured on a chain of 16 matmuls at batch 1, those checks cost 130 us of a
-    990 us backward. Tensor subclasses with ``__torch_function__``, and a torch without the
-    engine function, go through ``torch.autograd.grad`` itself.
-    """
-    if _ENGINE_RUN_BACKWARD is None or torch.overrides.has_torch_function((*outputs, *inputs)):
-        return torch.autograd.grad(outputs, inputs, grad_outputs, retain_graph=retain_graph,
-                                   create_graph=create_graph, allow_unused=True,
-                                   materialize_grads=True)
-    result = _ENGINE_RUN_BACKWARD(tuple(outputs), tuple(grad_outputs), retain_graph,
-                                  create_graph, tuple(inputs), True, accumulate_grad=False)
-    return tuple(r if r is not None else torch.zeros_like(x, requires_grad=create_graph)
-                 for r, x in zip(result, inputs, strict=True))
-
-
-def make_hvp_revrev(
-    loss: Callable[[Params], Tensor],
-    primals: Params,
-    layout: ParamLayout,
-    *,
-    context: Callable[[], Any],
-    check_loss: Callable[..., None],
-    reuse: bool = True,
-) -> Product:
-    """Reverse-over-reverse HVP factory: one forward/backward now, one second backward per vector.
-
-    The parameters enter the graph as leaves ``theta_i`` that share the memory of ``primals``;
-    the first-order gradient is kept per parameter (``g_i = dL/dtheta_i``), and column ``j`` of
-    the result is ``H v_j = d(sum_i <g_i, v_ji>)/dtheta``, concatenated straight into row ``j`` of
-    an ``(m, P)`` buffer that is returned transposed, ``(P, m)`` with contiguous columns. The
-    pieces ``v_ji`` are ``as_strided`` views of the column (:meth:`ParamLayout.pieces`).
-
-    The ops are those of a plain double backward (torch.profiler on the transformer of
-    benchmarks/hvp.py: 16 ``detach``, 6 ``as_strided`` and 2 ``item`` more per product, nothing
-    else), so what separates the two is fixed Python cost per call, which batch 1 shows: paired
-    against a plain double backward (one thread, 500-800 rounds) the product without reuse cost
-    400-550 us more on that transformer and MLP, 1-2% of their full-size products. Two changes
-    halved it (to 203 and 271 us): the model is called through :class:`Reparametrized`, whose
-    slots are looked up once (``functional_call`` finds them on every call, 60-100 us), and the
-    second backward goes through :func:`vjp_unchecked` (``torch.autograd.grad`` checks each of
-    the 16 grad_outputs in Python, 130 us). At full size (4 fresh processes of 100 paired rounds)
-    that made the product without reuse 1.003 [0.991, 1.015] of a double backward on the
-    transformer and 1.001 [0.995, 1.009] on the MLP, against 1.021 and 1.016 before (the full
-    run of benchmarks/hvp.py, 8 processes of 40 rounds: 1.005 [0.986, 1.022] and 0.997). Earlier
-    measurements that still hold: leaves per parameter cost 30-280 us less than views of one flat
-    leaf (whose split backward would return ``H v`` flat), and a single flat gradient (one more
-    concatenation in the graph, so that the second backward takes ``v`` whole) was no faster
-    (1.026 [1.019, 1.031] against 1.019 [1.012, 1.026]); the ``as_strided`` pieces of ``v`` cost a
-    third of a split and reshape, and split views made once instead measured 0.993 [0.987, 1.002]
-    (MLP) and 1.009 [0.992, 1.024] (transformer) of the product, within noise either way.
-
-    The ``(m, P)`` output is allocated after the first backward. Allocated before it, the product
-    measured 2% slower on that MLP, but only while glibc handed freed memory back to the kernel
-    at every free (the benchmark's malloc setting was broken then): with freed memory kept, the
-    order makes no difference (1.002 [0.993, 1.011]). Allocating after costs nothing, and it may
-    help where the allocator returns memory, which glibc does by default for large blocks.
-
-    The first-order graph (activations and the gradient's own graph, roughly two to three times
-    the memory of a training step) is held by the returned closure until it is dropped. With
-    ``reuse=False`` the product may be called once: its last backward frees the graph as it goes
-    (as a plain double backward does), which is measurably faster than retaining it.
-    """
-    leaves = [p.detach().requires_grad_(True) for p in primals.values()]  # the primals' memory
-    with torch.enable_grad():
-        with context():
-            value = loss(dict(zip(layout.names, leaves, strict=True)))
-        check_loss(value)
-        grads = torch.autograd.grad(value, leaves, create_graph=True, allow_unused=True)
-    live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
-    if not live:  # the gradient does not depend on the parameters: H = 0
-        return lambda V: V.new_zeros(V.shape)
-    outputs = [grads[i] for i in live]
-
-    def grad_outputs(column: Tensor) -> list[Tensor]:  # column (P,) -> v_i of the live g_i
-        pieces = layout.pieces(column)
-        return pieces if len(live) == len(pieces) else [pieces[i] for i in live]
-
-    def product(V: Tensor) -> Tensor:
-        m = V.shape[1]
-
-        def backward(j: int) -> tuple[Tensor, ...]:  # the pieces of H v_j, one per parameter
-            # A column of a row-major block is copied once (free when V = W.T for W (m, P), the
-            # layout this function returns).
-            return vjp_unchecked(outputs, leaves, grad_outputs(V[:, j].contiguous()),
-                                 retain_graph=reuse or j < m - 1)
-
-        parts = backward(0)
-        out = V.new_empty(m, V.shape[0])  # (m, P); allocated after a backward, see the docstring
-        for j in range(m):
-            if j:
-                parts = backward(j)
-            torch.cat([h.reshape(-1) for h in parts], out=out[j])  # row j: one concatenation
-        return out.T  # (P, m)
-
-    return product
-
-
-def make_hvp_fwdrev(
-    loss: Callable[[Params], Tensor],
-    primals: Params,
-    layout: ParamLayout,
-    *,
-    context: Callable[[], Any],
-    check_loss: Callable[..., None],
-    batched: bool = True,
-) -> Product:
-    """Forward-over-reverse HVP factory: ``jvp(grad(loss))``, ``vmap``-ed over the columns of V.
-
-    Each call recomputes the forward and backward with dual numbers; ``batched=False`` loops the
-    columns instead of ``vmap``. The vmapped route is tested against dense Hessians on LayerNorm
-    models, where torch 2.13's forward-mode derivative of a vmapped *vjp* is wrong; vmap outside
-    ``jvp(grad)`` is exact there.
-    """
-
-    def checked_loss(theta: Params) -> Tensor:
-        value = loss(theta)
-        check_loss(value, finite=False)  # values inside transforms cannot be read
-        return value
-
-    gradient = grad(checked_loss)
-
-    def hvp(v: Params) -> Params:
-        return jvp(gradient, (primals,), (v,))[1]
-
-    def column(v: Tensor) -> Tensor:
-        with context():  # a fresh context per forward: the same Dropout masks every time
-            return layout.ravel(hvp(layout.unravel(v)))
-
-    def product(V: Tensor) -> Tensor:
-        if batched and V.shape[1] > 1:
-            with context():  # randomness="same": one mask for all columns, as unbatched
-                out = vmap(hvp, randomness="same")(layout.unravel_columns(V))  # each (m, *shape)
-            return layout.ravel_columns(out)  # (P, m)
-        return torch.stack([column(V[:, j]) for j in range(V.shape[1])], dim=1)  # (P, m)
-
-    return product
-
-
-def make_ggnvp_revrev(
-    outputs: Callable[[Params], Tensor],
-    loss_of_outputs: Callable[[Tensor], Tensor],
-    primals: Params,
-    layout: ParamLayout,
-    *,
-    context: Callable[[], Any],
-    check_loss: Callable[..., None],
-) -> Product:
-    """Gauss-Newton-vector products ``J^T H_f J v`` by reverse mode only (graph kept between calls).
-
-    ``J v`` comes from the double-vjp trick: ``u -> J^T u`` is linear in ``u``, so differentiating
-    ``<J^T u, v>`` with respect to ``u`` gives ``J v``. ``H_f``, the Hessian of the batch loss with
-    respect to the outputs, is applied by a second backward through ``loss_of_outputs``.
-    """
-    leaves = [p.detach().requires_grad_(True) for p in primals.values()]
-    with torch.enable_grad():
-        with context():
-            f = outputs(dict(zip(layout.names, leaves, strict=True)))  # (n, k)
-        f_leaf = f.detach().requires_grad_(True)
-        value = loss_of_outputs(f_leaf)
-        check_loss(value)
-        grad_f = torch.autograd.grad(value, f_leaf, create_graph=True)[0]  # (n, k)
-        u = torch.zeros_like(f, requires_grad=True)  # dummy cotangent (n, k)
-        jtu = torch.autograd.grad(f, leaves, grad_outputs=u, create_graph=True, allow_unused=True)
-    jtu_live = [(t, n) for t, n in zip(jtu, layout.names, strict=True) if t is not None]
-
-    def product(V: Tensor) -> Tensor:
-        out = V.new_zeros(V.shape[1], V.shape[0])  # (m, P)
-        for j in range(V.shape[1]):
-            vs = layout.unravel(V[:, j].contiguous())  # one column at a time, as in the HVP
-            jv = torch.autograd.grad([t for t, _ in jtu_live], u,
-                                     grad_outputs=[vs[n] for _, n in jtu_live],
-                                     retain_graph=True, allow_unused=True)[0]  # (n, k)
-            if jv is None or not grad_f.requires_grad:  # outputs constant, or loss linear in them
-                continue
-            hjv = torch.autograd.grad(grad_f, f_leaf, grad_outputs=jv, retain_graph=True)[0]
-            jthjv = torch.autograd.grad(f, leaves, grad_outputs=hjv, retain_graph=True,
-                                        allow_unused=True, materialize_grads=True)
-            torch.cat([h.reshape(-1) for h in jthjv], out=out[j])  # (P,)
-        return out.T  # (P, m)
-
-    return product
-
-
-def make_ggnvp_fwdrev(
-    outputs: Callable[[Params], Tensor],
-    loss_of_outputs: Callable[[Tensor], Tensor],
-    primals: Params,
-    layout: ParamLayout,
-    *,
-    context: Callable[[], Any],
-    check_loss: Callable[..., None],
-) -> Product:
-    """Gauss-Newton-vector products with ``J v`` by forward mode and ``J^T w`` by one vjp.
-
-    The forward is run once per call (``vjp``) plus once per vector (``jvp``, vmapped over V).
-    """
-
-    def loss_grad(f: Tensor) -> Tensor:
-        value = loss_of_outputs(f)
-        check_loss(value, finite=False)
-        return value
-
-    grad_f = grad(loss_grad)
-
-    def product(V: Tensor) -> Tensor:
-        # Each forward starts from a freshly seeded context, so Dropout masks agree between the
-        # vjp forward and the (vmapped, randomness="same") jvp forwards.
-        with context():
-            f, vjp_fn = torch.func.vjp(outputs, primals)[:2]  # f (n, k)
-
-        def ggnvp(v: Params) -> Params:
-            jv = jvp(outputs, (primals,), (v,))[1]  # (n, k)
-            hjv = jvp(grad_f, (f,), (jv,))[1]  # (n, k)
-            return vjp_fn(hjv)[0]
-
-        with context():
-            out = vmap(ggnvp, randomness="same")(layout.unravel_columns(V))  # each (m, *shape)
-        return layout.ravel_columns(out)  # (P, m)
-
-    return product

@@ -261,10 +261,10 @@ class RunLogger:
     def _open(self) -> None:
         """Open the file for SWMR appends in one call (``H5Fopen`` with ``ACC_SWMR_WRITE``).
 
-        Opening it ``"r+"`` and then starting SWMR (``swmr_mode = True``) left a moment in which
-        the superblock said "open for write" without "SWMR": a writer killed then left a file
-        that no mode opens (a fresh-clone run of .ci/run hit it once, in the random SIGKILL
-        test). In one call the superblock gets both flags in the same write.
+        Opening it ``"r+"`` and then starting SWMR (``swmr_mode = True``) leaves a moment in which
+        the superblock says "open for write" without "SWMR", and a writer killed then leaves a
+        file that no mode opens. In one call the superblock gets both flags in the same write
+        (benchmarks/README.md, History).
         """
         fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
         fapl.set_libver_bounds(h5py.h5f.LIBVER_LATEST, h5py.h5f.LIBVER_LATEST)  # libver="latest"

@@ -73,7 +73,7 @@ class _Setup:
         model = func.unwrap_compiled(model)  # the eager module: vmap and hooks need it
         self.output = output
         batchnorm = [n for n, m in model.named_modules()
-                     if isinstance(m, func._BATCHNORM) and m.training]
+                     if isinstance(m, func.BATCHNORM) and m.training]
         if batchnorm:
             raise ValueError(f"{call}: BatchNorm modules {batchnorm[:4]} are in training mode, "
                              "where one example's output depends on the others and per-example "

@@ -30,7 +30,7 @@ import torch
 from scipy.sparse.linalg import LinearOperator
 from torch import Tensor, nn
 
-from curvlab import distributed, func
+from curvlab import distributed, fastpath, func, products
 from curvlab.batches import Output, Weights, as_batches, batch_weight, check_weights, split_batch
 from curvlab.func import ParamLayout, Product
 
@@ -173,8 +173,8 @@ class _CurvatureOperator(OperatorBase):
         self.allow_train_mode, self.seed = allow_train_mode, seed
         self._tied = func.has_tied_tensors(inner)
         # The Hessian's rev-rev route swaps the tensors in through slots looked up once
-        # (func.Reparametrized); tied tensors need functional_call's alias handling.
-        self._call = None if self._tied else func.Reparametrized(
+        # (fastpath.Reparametrized); tied tensors need functional_call's alias handling.
+        self._call = None if self._tied else fastpath.Reparametrized(
             model, [*self._frozen, *self.layout.names])
         self.reuse_graph = single if reuse_graph is None else bool(reuse_graph)
         # auto: double backward, except where aot_autograd (torch.compile) cannot run it.
@@ -379,11 +379,11 @@ class HessianOperator(_CurvatureOperator):
         if self.method == "rev-rev":
             loss = func.make_functional_loss(self.model, self.loss_fn, self._frozen, inputs,
                                              targets, call=self._call, output=self.output)
-            return func.make_hvp_revrev(loss, self._primals, self.layout, context=context,
+            return products.make_hvp_revrev(loss, self._primals, self.layout, context=context,
                                         check_loss=check, reuse=self.reuse_graph)
         loss = func.make_functional_loss(self.model, self.loss_fn, self._frozen, inputs, targets,
                                          tie_weights=self._tied, output=self.output)
-        return func.make_hvp_fwdrev(loss, self._primals, self.layout, context=context,
+        return products.make_hvp_fwdrev(loss, self._primals, self.layout, context=context,
                                     check_loss=check)
 
 
@@ -399,7 +399,8 @@ class GGNOperator(_CurvatureOperator):
 
     def _make_product(self, inputs: Any, targets: Any, index: int) -> Product:
         outputs = func.make_functional_outputs(self.model, self._frozen, inputs, self.output)
-        factory = func.make_ggnvp_revrev if self.method == "rev-rev" else func.make_ggnvp_fwdrev
+        factory = (products.make_ggnvp_revrev if self.method == "rev-rev"
+                   else products.make_ggnvp_fwdrev)
         return factory(outputs, lambda f: self.loss_fn(f, targets), self._primals, self.layout,
                        context=partial(self._context, index),
                        check_loss=partial(self._check_loss, index=index))

@@ -1,4 +1,4 @@
-"""The reverse-mode building blocks of curvlab.func: the tensor swap and the unchecked vjp."""
+"""The reverse-mode building blocks of curvlab.fastpath: the tensor swap and the unchecked vjp."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from cases import ZOO, case
 
-from curvlab import func
+from curvlab import fastpath, func
 
 
 def _replacements(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -24,7 +24,7 @@ def test_reparametrized_equals_functional_call_and_puts_the_originals_back(name:
     batch = c.data if isinstance(c.data, tuple) else c.data[0]
     tensors = _replacements(model)
     before = {n: t for n, t in [*model.named_parameters(), *model.named_buffers()]}
-    call = func.Reparametrized(model, tensors)
+    call = fastpath.Reparametrized(model, tensors)
     torch.testing.assert_close(call(tensors, batch[0]),
                                func.functional_forward(model, tensors, batch[0]), rtol=0, atol=0)
     after = {n: t for n, t in [*model.named_parameters(), *model.named_buffers()]}
@@ -39,7 +39,7 @@ def test_reparametrized_puts_the_originals_back_when_the_forward_raises() -> Non
 
     model = Failing(2, 1)
     weight = model.weight
-    call = func.Reparametrized(model, ["weight"])
+    call = fastpath.Reparametrized(model, ["weight"])
     with pytest.raises(RuntimeError, match="forward failed"):
         call({"weight": torch.zeros(1, 2)}, torch.ones(3, 2))
     assert model.weight is weight
@@ -48,7 +48,7 @@ def test_reparametrized_puts_the_originals_back_when_the_forward_raises() -> Non
 def test_reparametrized_rejects_a_name_that_is_no_parameter_or_buffer() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match=r"'0\.scale' is neither a parameter nor a buffer"):
-        func.Reparametrized(model, ["0.weight", "0.scale"])
+        fastpath.Reparametrized(model, ["0.weight", "0.scale"])
 
 
 def _graph() -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
@@ -68,11 +68,11 @@ def _graph() -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]
 def test_vjp_unchecked_equals_autograd_grad(monkeypatch: pytest.MonkeyPatch, engine: bool,
                                             create_graph: bool) -> None:
     if not engine:  # a torch without the engine function: the public route
-        monkeypatch.setattr(func, "_ENGINE_RUN_BACKWARD", None)
+        monkeypatch.setattr(fastpath, "_ENGINE_RUN_BACKWARD", None)
     grads, leaves, vs = _graph()
     want = torch.autograd.grad(grads, leaves, vs, retain_graph=True, create_graph=create_graph,
                                allow_unused=True, materialize_grads=True)
-    got = func.vjp_unchecked(grads, leaves, vs, retain_graph=False, create_graph=create_graph)
+    got = fastpath.vjp_unchecked(grads, leaves, vs, retain_graph=False, create_graph=create_graph)
     assert len(got) == 3
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
