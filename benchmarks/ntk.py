@@ -127,8 +127,9 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
     out = {"seconds": statistics.median(times), "times": times, "warmup_s": warm,
            "peak_bytes": peak, "shape": list(K.shape)}
     if spec["method"] == "curvlab auto":
-        from curvlab.ntk import _costs, _Setup  # private: which method "auto" chose, for the table
-        costs = _costs(_Setup(model, x, None, None, None, "bench"), "full")
+        from curvlab.ntk_kernels import KernelSetup, method_costs  # which method "auto" chose
+
+        costs = method_costs(KernelSetup(model, x, None, None, None, "bench"), "full")
         out["auto_chose"] = min(costs, key=costs.__getitem__)
     if spec.get("save"):
         torch.save(K.contiguous(), spec["save"])

@@ -45,7 +45,7 @@ from curvlab.linalg import (
     subspace_eigs,
 )
 from curvlab.models import NTP, SP, DepthMuP, MuP, effective_depth, interpolated, transfer_lr
-from curvlab.ntk import NTKOperator, empirical_ntk, ntk_eigenvalues
+from curvlab.ntk import NTKOperator, empirical_ntk, empirical_ntk_per_layer, ntk_eigenvalues
 from curvlab.operators import GGNOperator, HessianOperator, OperatorBase
 from curvlab.plotting import plot_lr_sweep, plot_metrics, plot_overlay
 from curvlab.preconditioning import Preconditioned, adam_scales, lr_scales, preconditioned
@@ -95,6 +95,7 @@ __all__ = [
     "effective_depth",
     "effective_rank",
     "empirical_ntk",
+    "empirical_ntk_per_layer",
     "feature_change",
     "feature_speed",
     "fit_exponent",

@@ -76,7 +76,7 @@ def test_linear_model_gives_inner_product_plus_one() -> None:
 @pytest.mark.parametrize("method", METHODS)
 def test_per_layer_kernels_sum_to_the_whole(method: str) -> None:
     model, x = inputs("cnn")
-    parts = cl.empirical_ntk(model, x, method=method, per_layer=True)
+    parts = cl.empirical_ntk_per_layer(model, x, method=method)
     assert set(parts) == {"conv1", "conv2", "head"}
     assert_rel_close(sum(parts.values()), cl.empirical_ntk(model, x, method=method))
 

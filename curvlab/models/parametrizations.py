@@ -93,6 +93,11 @@ class ScaledLinear(nn.Linear):
     def fan_in(self) -> int:
         return self.in_features
 
+    def weight_multiplier(self) -> float:
+        """``c`` of ``y = c W x + b``: the NTK's structured method reads it
+        (:func:`curvlab.ntk_kernels.weight_multiplier`)."""
+        return float(self.multiplier)
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, role={self.role}, multiplier={self.multiplier:.4g}"
 
