@@ -18,6 +18,7 @@ from curvlab.callbacks import (
     Monitor,
     NTKSpectrum,
     Sharpness,
+    TensorBoardLogger,
 )
 from curvlab.features import (
     FeatureChangeResult,
@@ -44,6 +45,7 @@ from curvlab.linalg import (
     spectral_density,
     subspace_eigs,
 )
+from curvlab.loggers import MetricLogger
 from curvlab.models import NTP, SP, DepthMuP, MuP, effective_depth, interpolated, transfer_lr
 from curvlab.ntk import NTKOperator, empirical_ntk, empirical_ntk_per_layer, ntk_eigenvalues
 from curvlab.operators import GGNOperator, HessianOperator, OperatorBase
@@ -74,6 +76,7 @@ __all__ = [
     "Loss",
     "MaximalUpdateLR",
     "Metric",
+    "MetricLogger",
     "Monitor",
     "MuP",
     "NTKOperator",
@@ -85,6 +88,7 @@ __all__ = [
     "Sharpness",
     "SpectralDensity",
     "SuperConsistency",
+    "TensorBoardLogger",
     "TraceResult",
     "__version__",
     "adam_scales",

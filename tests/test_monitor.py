@@ -158,7 +158,8 @@ def test_budget_stretches_the_schedule(tmp_path):
 def test_monitor_errors(tmp_path):
     model, data = _problem()
     with cl.RunLogger(tmp_path / "e.h5", {}) as log:
-        with pytest.raises(TypeError, match=r"logger must be a curvlab\.RunLogger"):
+        with pytest.raises(TypeError, match=r"logger must be a curvlab\.MetricLogger .*got str, "
+                           r"which lacks \['declare', 'flush', 'log', 'log_array'\]"):
             cl.Monitor(model, mse, data, "log.h5", [cl.Loss(every=1)])
         with pytest.raises(TypeError, match="measurements must be a non-empty list"):
             cl.Monitor(model, mse, data, log, [])

@@ -1,4 +1,9 @@
-"""``Monitor``: run curvlab measurements from a training loop and log them to a ``RunLogger``.
+"""``Monitor``: run curvlab measurements from a training loop and log them to a logger.
+
+The logger is any :class:`~curvlab.MetricLogger` (:class:`~curvlab.RunLogger`, an HDF5 run file;
+:class:`~curvlab.TensorBoardLogger`; or your own); a measurement is any :class:`Measurement`
+subclass, whose ``measure(ctx)`` gets a :class:`Context` and returns :class:`Record` and
+:class:`Skip` entries (docs/extending.md writes one).
 
 Hooks follow Lightning's names so the same object serves plain loops and the Lightning adapter
 (``curvlab.callbacks.lightning``): ``on_train_start()`` (measures step 0, the initialization),
@@ -52,7 +57,7 @@ from torch import Tensor, nn
 
 from curvlab import distributed
 from curvlab.batches import Output, Weights, as_batches, check_weights
-from curvlab.hdf5 import RunLogger
+from curvlab.loggers import MetricLogger, check_logger
 
 
 @dataclass(frozen=True)
@@ -90,7 +95,10 @@ class Schedule:
 
 @dataclass
 class Context:
-    """What a measurement sees: the model, loss, probe data, optimizer and the step."""
+    """What a measurement sees: ``model`` (the live model, DDP unwrapped), ``loss_fn``,
+    ``probe`` (the Monitor's probe data), ``optimizer`` (or ``None``), ``step`` (optimizer steps
+    taken), ``generator`` (a ``torch.Generator`` seeded with the Monitor's ``seed + step``, for
+    any randomness), and the Monitor's ``output`` and ``weights`` (pass them on to operators)."""
 
     model: nn.Module
     loss_fn: Callable[[Any, Any], Tensor]
@@ -110,7 +118,9 @@ class Context:
 
 @dataclass(frozen=True)
 class Record:
-    """One value to log: a scalar or a vector with optional labels and attributes."""
+    """One value to log: ``value`` a scalar (a float or a 0-d tensor) or a vector ``(k,)`` (a
+    1-D tensor or a sequence), with ``labels`` (``k`` strings, e.g. layer names) and, stored
+    once when the metric is declared, ``description`` and ``threshold`` (a line to draw)."""
 
     name: str
     value: Any
@@ -150,9 +160,30 @@ LR_ZERO, NO_STATE, OVER_BUDGET = SKIP_REASONS
 class Measurement:
     """Base class: a schedule, a name, and ``measure(ctx) -> Sequence[Record | Skip]``.
 
+    Subclass it for a measurement of your own (docs/extending.md): set ``name`` (the default
+    metric name; ``name=`` overrides it) and implement ``measure``; the base ``__init__`` takes
+    the schedule (exactly one of ``every=``, ``steps=``, ``per_decade=``). At each due step the
+    Monitor calls ``measure`` with a :class:`Context`, with the model in eval mode (unless
+    ``eval_mode = False``) and the global RNG forked, and restores every module's mode after; a
+    measurement must not change parameters, buffers, gradients (use ``torch.autograd.grad``, not
+    ``backward``) or optimizer state. Each :class:`Record` is logged (its metric declared the
+    first time, scalar or ``(k,)``), each :class:`Skip` as ``<name>_skipped``, and the call's
+    seconds as ``time_<name>``. ``setup(ctx)``, called once at ``on_train_start``, may refuse a
+    set-up that cannot work (a ``ValueError``).
+
     ``measure`` returns the records to log, or ``[Skip(self.name, reason)]`` when the quantity
     does not exist at this step (see :data:`SKIP_REASONS`); it never raises for a state that
     training passes through (an LR of 0 under a schedule, an optimizer without state yet).
+
+    Example:
+        >>> import torch, curvlab as cl
+        >>> class ParamNorm(cl.callbacks.Measurement):
+        ...     name = "param_norm"
+        ...     def measure(self, ctx):
+        ...         theta = torch.cat([p.detach().reshape(-1) for p in ctx.model.parameters()])
+        ...         return [cl.callbacks.Record(self.name, theta.norm(), description="||theta||")]
+        >>> ParamNorm(every=10).schedule.due(20)
+        True
     """
 
     name = "measurement"
@@ -179,7 +210,9 @@ class Monitor:
         probe: the fixed data measured on: one ``(inputs, targets)`` batch or a list (or
             non-shuffling DataLoader) of batches, in any form of :mod:`curvlab.batches`; feature
             and NTK measurements use the first batch.
-        logger: a :class:`~curvlab.RunLogger`.
+        logger: a :class:`~curvlab.MetricLogger`: a :class:`~curvlab.RunLogger`, a
+            :class:`~curvlab.TensorBoardLogger`, or any object with the protocol's methods
+            (``update_env`` and ``last_step`` are used when it has them).
         measurements: e.g. ``[cl.Loss(every=1), cl.Sharpness(every=10)]``.
         optimizer: the training optimizer (LR and Adam preconditioning, feature change).
         budget: optional share of wall time (e.g. 0.2) that measurements may take; a due
@@ -194,13 +227,11 @@ class Monitor:
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], probe: Any,
-                 logger: RunLogger, measurements: Sequence[Measurement], *,
+                 logger: MetricLogger, measurements: Sequence[Measurement], *,
                  optimizer: torch.optim.Optimizer | None = None, budget: float | None = None,
                  seed: int = 0, output: Output = "auto", weights: Weights = None) -> None:
         call = "Monitor"
-        if not isinstance(logger, RunLogger):
-            raise TypeError(f"{call}: logger must be a curvlab.RunLogger, got "
-                            f"{type(logger).__name__}")
+        check_logger(logger, call)
         bad = [m for m in measurements if not isinstance(m, Measurement)]
         if bad or not measurements:
             raise TypeError(f"{call}: measurements must be a non-empty list of curvlab "
@@ -240,10 +271,12 @@ class Monitor:
         _check_step(step, call)
         self._start = time.perf_counter()
         p = next(self.model.parameters())
-        self.logger.update_env(device=p.device, dtype=p.dtype, **distributed.world_info())
+        if callable(update_env := getattr(self.logger, "update_env", None)):  # optional
+            update_env(device=p.device, dtype=p.dtype, **distributed.world_info())
         self._resumed_after = self._resumed_step()
         if self._resumed_after is not None and step < self._resumed_after:
-            warnings.warn(f"{call}: {self.logger.path} already holds steps up to "
+            where = getattr(self.logger, "path", type(self.logger).__name__)
+            warnings.warn(f"{call}: {where} already holds steps up to "
                           f"{self._resumed_after}; training restarts at step {step}, so steps "
                           f"{step}..{self._resumed_after} are not measured again (their rows "
                           "come from the earlier attempt) and measuring continues after them",
@@ -329,9 +362,11 @@ class Monitor:
         self.logger.log(step, **{name: float(SKIP_REASONS.index(skip.reason))})
 
     def _resumed_step(self) -> int | None:
-        """The logger's last committed step; under ``torch.distributed``, rank 0's (the writer's),
-        so that every rank skips the same steps and the collective measurements stay matched."""
-        last = self.logger.last_step()
+        """The logger's last committed step (``None`` for a logger without ``last_step``); under
+        ``torch.distributed``, rank 0's (the writer's), so that every rank skips the same steps
+        and the collective measurements stay matched."""
+        last_step = getattr(self.logger, "last_step", None)
+        last = last_step() if callable(last_step) else None
         if not distributed.is_active():
             return last
         t = torch.tensor([-1 if last is None else last], device=_device(self.model))

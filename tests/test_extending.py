@@ -1,0 +1,243 @@
+"""The public extension points (docs/extending.md): loggers, measurements, curvature operators."""
+
+from __future__ import annotations
+
+import collections
+import copy
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import curvlab as cl
+from curvlab.callbacks import Context, Measurement, Record
+from curvlab.testing import MLP, mse
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "extending.md"
+
+
+def _problem(seed: int = 0):
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    model = MLP(4, 8, 2).double()
+    x = torch.randn(32, 4, generator=g, dtype=torch.float64)
+    y = torch.randn(32, 2, generator=g, dtype=torch.float64)
+    return model, (x, y)
+
+
+def _train(model, data, logger, measurements, steps=6, lr=0.05):
+    """Full-batch SGD with a Monitor; returns the gradient of each step's parameters (the
+    training loop's own ``p.grad``, taken before the step that follows)."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    monitor = cl.Monitor(model, mse, data, logger, measurements, optimizer=opt)
+    monitor.on_train_start()
+    grads = {}
+    for step in range(1, steps + 2):
+        opt.zero_grad()
+        mse(model(data[0]), data[1]).backward()
+        grads[step - 1] = [p.grad.clone() for p in model.parameters()]  # at step - 1's params
+        if step > steps:
+            break
+        opt.step()
+        monitor.on_train_batch_end(step)
+    monitor.on_train_end()
+    return grads
+
+
+# ----------------------------------------------------------------------------- loggers
+
+
+class MemoryLogger:
+    """The protocol's five methods only: no update_env, last_step or path."""
+
+    def __init__(self):
+        self.rows: dict[str, list] = collections.defaultdict(list)
+        self.declared: dict[str, dict] = {}
+
+    def __contains__(self, name):
+        return name in self.declared
+
+    def declare(self, name, *, size=None, labels=None, description="", threshold=None,
+                codes=None):
+        self.declared[name] = {"size": size, "labels": labels, "threshold": threshold}
+
+    def log(self, step, **scalars):
+        for name, value in scalars.items():
+            self.declared.setdefault(name, {"size": None})
+            self.rows[name].append((step, float(value)))
+
+    def log_array(self, step, name, values):
+        self.rows[name].append((step, np.array(values)))
+
+    def flush(self):
+        pass
+
+
+def test_run_logger_satisfies_the_protocol(tmp_path):
+    with cl.RunLogger(tmp_path / "r.h5", {}) as log:
+        assert isinstance(log, cl.MetricLogger)
+        assert cl.loggers.missing_methods(log) == []
+    assert isinstance(MemoryLogger(), cl.MetricLogger)
+    assert not isinstance("run.h5", cl.MetricLogger)
+
+
+def test_monitor_takes_any_metric_logger(tmp_path):
+    """A logger with only the protocol's methods gets what a RunLogger gets."""
+    measurements = lambda: [cl.Loss(every=1), cl.Sharpness(every=2, tol=1e-8),  # noqa: E731
+                            cl.Sharpness(k=2, every=3, tol=1e-8, name="top2")]
+    model, data = _problem()
+    memory = MemoryLogger()
+    _train(copy.deepcopy(model), data, memory, measurements())
+    with cl.RunLogger(tmp_path / "r.h5", {}) as log:
+        _train(copy.deepcopy(model), data, log, measurements())
+    run = cl.load_run(tmp_path / "r.h5")
+    for name in ("loss", "sharpness", "top2", "sharpness_threshold"):
+        steps, values = zip(*memory.rows[name], strict=True)
+        assert list(steps) == run[name].step.tolist()
+        torch.testing.assert_close(torch.as_tensor(np.array(values)),
+                                   torch.as_tensor(run[name].value), rtol=1e-12, atol=1e-12)
+    assert memory.declared["top2"]["labels"] == ["0", "1"]
+    assert memory.declared["sharpness"]["threshold"] == 2 / 0.05
+
+
+def test_monitor_names_the_missing_methods():
+    model, data = _problem()
+
+    class HalfLogger:
+        def log(self, step, **scalars):
+            pass
+
+        def flush(self):
+            pass
+
+    with pytest.raises(TypeError, match=r"Monitor: logger must be a curvlab\.MetricLogger .*got "
+                       r"HalfLogger, which lacks \['__contains__', 'declare', 'log_array'\]"):
+        cl.Monitor(model, mse, data, HalfLogger(), [cl.Loss(every=1)])
+
+
+def _scalars(log_dir: Path) -> dict[str, tuple[list[int], list[float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    return {tag: ([e.step for e in events.Scalars(tag)], [e.value for e in events.Scalars(tag)])
+            for tag in events.Tags()["scalars"]}
+
+
+def test_tensorboard_logger_matches_run_logger(tmp_path):
+    pytest.importorskip("tensorboard")
+    measurements = lambda: [cl.Loss(every=1), cl.Sharpness(every=2, tol=1e-8),  # noqa: E731
+                            cl.Sharpness(k=2, every=3, tol=1e-8, name="top2")]
+    model, data = _problem()
+    with cl.TensorBoardLogger(tmp_path / "tb") as tb:
+        assert isinstance(tb, cl.MetricLogger)
+        _train(copy.deepcopy(model), data, tb, measurements())
+    with cl.RunLogger(tmp_path / "r.h5", {}) as log:
+        _train(copy.deepcopy(model), data, log, measurements())
+    run, scalars = cl.load_run(tmp_path / "r.h5"), _scalars(tmp_path / "tb")
+    for name in ("loss", "sharpness", "sharpness_threshold", "sharpness_matvecs"):
+        steps, values = scalars[name]
+        assert steps == run[name].step.tolist()
+        torch.testing.assert_close(torch.tensor(values, dtype=torch.float64),
+                                   torch.as_tensor(run[name].value), rtol=1e-6, atol=1e-6)
+    assert run["top2"].labels == ("0", "1") or list(run["top2"].labels) == ["0", "1"]
+    for i in range(2):  # one scalar per entry, name/<label>
+        steps, values = scalars[f"top2/{i}"]
+        assert steps == run["top2"].step.tolist() == [0, 3, 6]
+        torch.testing.assert_close(torch.tensor(values, dtype=torch.float64),
+                                   torch.as_tensor(run["top2"].value[:, i]), rtol=1e-6, atol=1e-6)
+    assert "top2" not in scalars
+
+
+def test_tensorboard_logger_labels_and_errors(tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")
+    with cl.TensorBoardLogger(tmp_path / "tb") as tb:
+        tb.declare("per_layer", labels=["0.weight", "2.weight"], description="per layer")
+        tb.log_array(3, "per_layer", [1.5, 2.5])
+        tb.log_array(4, "unlabelled", np.array([7.0, 8.0, 9.0]))
+        tb.log(4, loss=0.25)
+        tb.update_env(device="cpu")
+        assert "per_layer" in tb and "loss" in tb and "other" not in tb
+        with pytest.raises(ValueError, match=r"TensorBoardLogger\.declare: metric 'loss' exists"):
+            tb.declare("loss")
+        with pytest.raises(ValueError, match=r"'v' has 1 labels for 2 values; give one label"):
+            tb.declare("v", size=2, labels=["a"])
+        with pytest.raises(ValueError, match=r"TensorBoardLogger.log: metric 'per_layer' is a "
+                           r"vector of 2 entries; use log_array"):
+            tb.log(5, per_layer=1.0)
+        with pytest.raises(ValueError, match=r"'m' values must be 1-D \(k,\), got shape \(2, 2\)"):
+            tb.log_array(5, "m", np.ones((2, 2)))
+        with pytest.raises(ValueError, match=r"metric 'per_layer' was declared with 2 entries, "
+                           r"got 3"):
+            tb.log_array(5, "per_layer", [1.0, 2.0, 3.0])
+    scalars = _scalars(tmp_path / "tb")
+    assert scalars["per_layer/0.weight"] == ([3], [1.5])
+    assert scalars["per_layer/2.weight"] == ([3], [2.5])
+    assert scalars["unlabelled/2"] == ([4], [9.0])
+    assert scalars["loss"] == ([4], [0.25])
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    with pytest.raises(ImportError, match=r"TensorBoardLogger: needs the tensorboard package.*"
+                       r"pip install curvlab\[tensorboard\]"):
+        cl.TensorBoardLogger(tmp_path / "tb2")
+
+
+# ----------------------------------------------------------------------------- measurements
+
+
+class GradNorm(Measurement):
+    """||grad L|| on the probe's first batch, and the norm of each parameter tensor's part."""
+
+    name = "grad_norm"
+
+    def measure(self, ctx: Context) -> list[Record]:
+        x, y = ctx.first_batch
+        names, params = zip(*[(n, p) for n, p in ctx.model.named_parameters() if p.requires_grad],
+                            strict=True)
+        with torch.enable_grad():
+            out = cl.batches.pick_output(cl.batches.call_model(ctx.model, x), ctx.output)
+            grads = torch.autograd.grad(ctx.loss_fn(out, y), params)
+        norms = torch.stack([g.norm() for g in grads])  # (tensors,)
+        return [Record(self.name, norms.norm(), description="||grad L|| on the probe"),
+                Record(f"{self.name}_tensors", norms, labels=names,
+                       description="||grad L|| of each parameter tensor")]
+
+
+def test_custom_measurement_logs_the_training_gradient(tmp_path):
+    model, data = _problem()
+    plain = copy.deepcopy(model)
+    with cl.RunLogger(tmp_path / "g.h5", {}) as log:
+        grads = _train(model, data, log, [GradNorm(every=2), cl.Loss(every=2)])
+    run = cl.load_run(tmp_path / "g.h5")
+    assert run["grad_norm"].step.tolist() == [0, 2, 4, 6]
+    assert list(run["grad_norm_tensors"].labels) == [n for n, _ in model.named_parameters()]
+    assert run["grad_norm"].description == "||grad L|| on the probe"
+    expected = torch.stack([torch.cat([g.reshape(-1) for g in grads[s]]).norm()
+                            for s in (0, 2, 4, 6)])  # the training loop's own gradients
+    torch.testing.assert_close(torch.as_tensor(run["grad_norm"].value), expected)
+    per_tensor = torch.stack([torch.stack([g.norm() for g in grads[s]]) for s in (0, 2, 4, 6)])
+    torch.testing.assert_close(torch.as_tensor(run["grad_norm_tensors"].value), per_tensor)
+    assert "time_grad_norm" in run.metrics
+    _train(plain, data, MemoryLogger(), [cl.Loss(every=100)])  # training without the measurement
+    for p, q in zip(plain.parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- docs
+
+
+def _doc_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", DOCS.read_text(), re.S)
+
+
+@pytest.mark.parametrize("index", range(len(_doc_blocks())))
+def test_docs_examples_run(index, tmp_path, monkeypatch, capsys):
+    block = _doc_blocks()[index]
+    if "tensorboard" in block:
+        pytest.importorskip("tensorboard")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block, f"{DOCS.name} block {index}", "exec"), {"__name__": "extending_docs"})
+    printed = capsys.readouterr().out
+    assert printed, "every example prints what it shows"
