@@ -1,4 +1,7 @@
-"""HDF5 run files (schema version 1, docs/design.md): a crash-safe writer and a read-only loader.
+"""HDF5 run files (schema version 1, docs/design.md): the crash-safe writer ``RunLogger``.
+
+The reading side (the committed-row rule, opening held files, ``load_run``) is in
+:mod:`curvlab.runs`, which this module builds on.
 
 Layout: root attributes ``schema_version``, ``curvlab_version``, ``created``, ``config`` (JSON text)
 and flat copies of the sweep keys; group ``env`` (attributes: torch version, device, dtype, ...);
@@ -50,12 +53,11 @@ from typing import Any
 import h5py
 import numpy as np
 
+from curvlab.runs import SCHEMA_VERSION, STEP_FILL, load_run, open_read
 from curvlab.writer_lock import WriterLock
 
-SCHEMA_VERSION = 1
 SWEEP_KEYS = ("width", "depth", "parametrization", "lr", "seed", "model", "optimizer")
 MODES = ("w-", "w", "a")
-_STEP_FILL = -1
 
 
 def _environment(extra: Mapping[str, Any] | None) -> dict[str, str]:
@@ -81,55 +83,6 @@ def _check_name(name: str, call: str) -> None:
     if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
         raise ValueError(f"{call}: metric names must be non-empty strings without '/', got "
                          f"{name!r}")
-
-
-_SIGNATURE = b"\x89HDF\r\n\x1a\n"
-
-
-def _stored_eof(path: Path) -> int | None:
-    """End-of-file address recorded in a version 2/3 superblock (the format curvlab writes)."""
-    with open(path, "rb") as fh:
-        head = fh.read(64)
-    if not head.startswith(_SIGNATURE) or len(head) < 48 or head[8] not in (2, 3):
-        return None
-    size = head[9]  # bytes per file offset
-    start = 12 + 2 * size  # after version, sizes, flags, base address, extension address
-    return int.from_bytes(head[start:start + size], "little")
-
-
-def _open_read(path: Path, call: str) -> h5py.File:
-    """Open a run file read-only: a cleanly closed file directly; a file that a writer holds (or
-    left behind when killed) in SWMR mode.
-
-    The plain open is tried first because HDF5's SWMR reader retries failed metadata reads for a
-    long time instead of failing, which would hang on a damaged file; the plain open fails fast on
-    truncation and on the write flags that mark a file held (or left) by a SWMR writer.
-    """
-    if not path.exists():
-        raise FileNotFoundError(f"{call}: no file at {path}")
-    try:
-        return h5py.File(path, "r")
-    except OSError as err:
-        first = err
-    # A SWMR file is checked against the end of file its superblock recorded when SWMR writing
-    # began; a file cut shorter than that is refused here (the SWMR reader would hang on it). A
-    # SWMR file damaged beyond that point is not detected before reading.
-    eof = _stored_eof(path)
-    if eof is None or "truncated" in str(first) or path.stat().st_size < eof:
-        raise ValueError(f"{call}: {path} is not a readable HDF5 file ({first}); it may be "
-                         "truncated or not HDF5 at all") from None
-    try:
-        return h5py.File(path, "r", libver="latest", swmr=True)
-    except OSError as err:
-        raise ValueError(f"{call}: {path} is not a readable HDF5 file ({err})") from None
-
-
-def committed_rows(step: np.ndarray) -> int:
-    """Number of leading rows whose step is written and strictly increasing."""
-    if step.size == 0:
-        return 0
-    bad = (step == _STEP_FILL) | np.r_[False, np.diff(step) <= 0]
-    return int(np.argmax(bad)) if bad.any() else int(step.size)
 
 
 class RunLogger:
@@ -221,8 +174,6 @@ class RunLogger:
 
     def _resume(self, allow_config_change: bool, env: Mapping[str, Any] | None) -> None:
         """Rebuild the file from its committed rows (clears a killed writer's state)."""
-        from curvlab.runs import load_run
-
         old = load_run(self.path)
         if old.config != self.config and not allow_config_change:
             changed = sorted(k for k in {*old.config, *self.config}
@@ -231,7 +182,7 @@ class RunLogger:
                              f"{changed} differ); pass the run's own config, or "
                              "allow_config_change=True to record the new one")
         with self._staging() as tmp:
-            with _open_read(self.path, "RunLogger") as src, h5py.File(tmp, "w",
+            with open_read(self.path, "RunLogger") as src, h5py.File(tmp, "w",
                                                                       libver="latest") as dst:
                 for key, value in src.attrs.items():
                     dst.attrs[key] = value
@@ -290,7 +241,7 @@ class RunLogger:
         n = 0 if rows is None else len(rows)
         g = f["metrics"].create_group(name)
         g.create_dataset("step", shape=(n,), maxshape=(None,), dtype="int64", chunks=(256,),
-                         fillvalue=_STEP_FILL)
+                         fillvalue=STEP_FILL)
         g.create_dataset("value", shape=(n, *shape), maxshape=(None, *shape), dtype="float64",
                          chunks=(max(1, 4096 // max(1, int(np.prod(shape)))), *shape),
                          fillvalue=np.nan, data=rows)

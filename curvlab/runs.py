@@ -1,5 +1,9 @@
 """Reading run files: ``load_run`` and ``load_runs`` return plain numpy data, read-only.
 
+The writer (:mod:`curvlab.hdf5`) builds on the rules defined here: the schema version, the
+committed-row rule (:func:`committed_rows`) and how a file is opened for reading
+(:func:`open_read`).
+
 A file is opened with SWMR (so runs still being written, and files left by a killed writer, open
 without repair), only committed rows are returned (see ``curvlab.hdf5``), and nothing in the file
 is executed: the config is parsed as JSON, labels are strings.
@@ -26,7 +30,57 @@ from typing import Any
 import h5py
 import numpy as np
 
-from curvlab.hdf5 import SCHEMA_VERSION, _open_read, committed_rows
+SCHEMA_VERSION = 1
+STEP_FILL = -1  # the pre-filled step of a row not yet committed
+
+
+_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def _stored_eof(path: Path) -> int | None:
+    """End-of-file address recorded in a version 2/3 superblock (the format curvlab writes)."""
+    with open(path, "rb") as fh:
+        head = fh.read(64)
+    if not head.startswith(_SIGNATURE) or len(head) < 48 or head[8] not in (2, 3):
+        return None
+    size = head[9]  # bytes per file offset
+    start = 12 + 2 * size  # after version, sizes, flags, base address, extension address
+    return int.from_bytes(head[start:start + size], "little")
+
+
+def open_read(path: Path, call: str) -> h5py.File:
+    """Open a run file read-only: a cleanly closed file directly; a file that a writer holds (or
+    left behind when killed) in SWMR mode.
+
+    The plain open is tried first because HDF5's SWMR reader retries failed metadata reads for a
+    long time instead of failing, which would hang on a damaged file; the plain open fails fast on
+    truncation and on the write flags that mark a file held (or left) by a SWMR writer.
+    """
+    if not path.exists():
+        raise FileNotFoundError(f"{call}: no file at {path}")
+    try:
+        return h5py.File(path, "r")
+    except OSError as err:
+        first = err
+    # A SWMR file is checked against the end of file its superblock recorded when SWMR writing
+    # began; a file cut shorter than that is refused here (the SWMR reader would hang on it). A
+    # SWMR file damaged beyond that point is not detected before reading.
+    eof = _stored_eof(path)
+    if eof is None or "truncated" in str(first) or path.stat().st_size < eof:
+        raise ValueError(f"{call}: {path} is not a readable HDF5 file ({first}); it may be "
+                         "truncated or not HDF5 at all") from None
+    try:
+        return h5py.File(path, "r", libver="latest", swmr=True)
+    except OSError as err:
+        raise ValueError(f"{call}: {path} is not a readable HDF5 file ({err})") from None
+
+
+def committed_rows(step: np.ndarray) -> int:
+    """Number of leading rows whose step is written and strictly increasing."""
+    if step.size == 0:
+        return 0
+    bad = (step == STEP_FILL) | np.r_[False, np.diff(step) <= 0]
+    return int(np.argmax(bad)) if bad.any() else int(step.size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +152,7 @@ def _read_metric(name: str, g: h5py.Group) -> Metric:
 def load_run(path: str | os.PathLike[str]) -> Run:
     """Read the run file ``path`` (read-only; works while it is being written, or after a crash)."""
     call, path = "load_run", Path(path)
-    with _open_read(path, call) as f:
+    with open_read(path, call) as f:
         if "schema_version" not in f.attrs or "config" not in f.attrs:
             raise ValueError(f"{call}: {path} is an HDF5 file but not a curvlab run (no "
                              "schema_version/config attributes)")
