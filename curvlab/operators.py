@@ -7,7 +7,9 @@ section 0).
 
 Operators have ``shape (P, P)``, ``dtype``, ``device``, ``num_matvecs`` and ``A @ v`` for
 ``v (P,)`` or ``V (P, m)``; every ``linalg`` estimator takes them, and ``to_scipy()`` hands them to
-``scipy.sparse.linalg``.
+``scipy.sparse.linalg``. Both are :class:`CurvatureOperator` subclasses that supply only the
+product of one batch (``make_product``); a new curvature matrix is written the same way
+(docs/extending.md).
 
 Example:
     >>> import torch, curvlab as cl
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -96,8 +99,62 @@ def select_params(model: nn.Module, params: Iterable[str] | None, call: str) -> 
     return {n: named[n] for n in named if n in set(names)}
 
 
-class _CurvatureOperator(OperatorBase):
-    """Shared machinery of :class:`HessianOperator` and :class:`GGNOperator`."""
+@dataclass(frozen=True)
+class BatchFunctions:
+    """One batch of an operator's ``data`` in functional form, what ``make_product`` builds on.
+
+    ``theta`` is a dict ``name -> tensor`` of the selected parameters. ``loss``: ``theta -> L_b``
+    (the batch mean, a scalar; built for the route ``method``); ``outputs``: ``theta -> f_b`` (the
+    tensor ``loss_fn`` gets, ``(n, ...)``); ``loss_of_outputs``: ``f -> loss_fn(f, targets)``;
+    ``primals``: ``theta`` at construction; ``layout``: the
+    :class:`~curvlab.func.ParamLayout` between ``theta`` and flat ``(P,)``; ``context``: ``() ->``
+    the context manager of every forward (the mode, seeded Dropout masks, math attention);
+    ``check_loss(value, finite=True)`` refuses a non-scalar or non-finite loss; ``method``:
+    ``"rev-rev"`` or ``"fwd-rev"``; ``reuse_graph``: whether the product is kept and called
+    again (else once); ``inputs``, ``targets``, ``index``: the batch and its position in ``data``.
+    """
+
+    loss: Callable[[func.Params], Tensor]
+    outputs: Callable[[func.Params], Any]
+    loss_of_outputs: Callable[[Any], Tensor]
+    primals: func.Params
+    layout: ParamLayout
+    context: Callable[[], Any]
+    check_loss: Callable[..., None]
+    method: str
+    reuse_graph: bool
+    inputs: Any
+    targets: Any
+    index: int
+
+
+class CurvatureOperator(OperatorBase):
+    """A curvature matrix of the mean loss from the product of one batch: subclass it.
+
+    ``A = sum_b w_b A_b / sum_b w_b`` over the batches of ``data`` (weights as in
+    :class:`HessianOperator`, whose arguments it takes); a subclass's ``make_product(batch)``
+    returns ``V (P, m) -> A_b V`` for one :class:`BatchFunctions`, typically by a factory of
+    :mod:`curvlab.products`. The rest (parameter selection and snapshot, modes and RNG, batch
+    weights, kept graphs, the ``"auto"`` route's fall-back, process groups, ``to_scipy``) is
+    this class's. Set what ``make_product`` reads before ``super().__init__()``, which builds a
+    single batch's product at once.
+
+    Example (``H + lam I``, a damped Hessian):
+        >>> import torch, curvlab as cl
+        >>> class DampedHessian(cl.HessianOperator):
+        ...     def __init__(self, *args, lam, **kwargs):
+        ...         self.lam = lam
+        ...         super().__init__(*args, **kwargs)
+        ...     def make_product(self, batch):
+        ...         hvp = super().make_product(batch)
+        ...         return lambda V: hvp(V) + self.lam * V
+        >>> case = cl.testing.make_case("mlp_tanh")
+        >>> A = DampedHessian(case.model, case.loss_fn, case.data, lam=0.5)
+        >>> H = cl.testing.dense_hessian(case.model, case.loss_fn, case.data)  # (P, P)
+        >>> I = torch.eye(A.shape[0], dtype=A.dtype)
+        >>> bool(torch.allclose(A @ I, H + 0.5 * I))
+        True
+    """
 
     def __init__(
         self,
@@ -115,6 +172,9 @@ class _CurvatureOperator(OperatorBase):
         weights: Weights = None,
     ) -> None:
         name = type(self).__name__
+        if type(self).make_product is CurvatureOperator.make_product:
+            raise TypeError(f"{name}: subclass CurvatureOperator and implement make_product(batch)"
+                            " (docs/extending.md), or use cl.HessianOperator or cl.GGNOperator")
         if not isinstance(model, nn.Module):
             raise TypeError(f"{name}: model must be a torch.nn.Module, got {type(model).__name__}")
         model, ddp_group = distributed.unwrap(model)
@@ -226,8 +286,20 @@ class _CurvatureOperator(OperatorBase):
             raise ValueError(f"{self._name}: batch {index} is empty; drop it from data")
         return inputs, targets, batch_weight(self.weights, inputs, targets, index, self._name)
 
-    def _make_product(self, inputs: Any, targets: Any, index: int) -> Product:
+    def make_product(self, batch: BatchFunctions) -> Product:
+        """``V (P, m) -> A_b V (P, m)`` for one batch; what a subclass supplies."""
         raise NotImplementedError
+
+    def _make_product(self, inputs: Any, targets: Any, index: int) -> Product:
+        call = self._call if self.method == "rev-rev" else None  # torch.func: functional_call
+        loss_fn, model, frozen = self.loss_fn, self.model, self._frozen
+        return self.make_product(BatchFunctions(
+            func.make_functional_loss(model, loss_fn, frozen, inputs, targets,
+                                      tie_weights=self._tied, call=call, output=self.output),
+            func.make_functional_outputs(model, frozen, inputs, self.output),
+            lambda f: loss_fn(f, targets), self._primals, self.layout,
+            partial(self._context, index), partial(self._check_loss, index=index), self.method,
+            self.reuse_graph, inputs, targets, index))
 
     def _product(self, index: int, batch: Any) -> Product:
         if index in self._cache:
@@ -327,7 +399,7 @@ def _unsupported_route(err: RuntimeError) -> bool:
     return any(key in text for key in _ROUTE_ERRORS)
 
 
-class HessianOperator(_CurvatureOperator):
+class HessianOperator(CurvatureOperator):
     """The Hessian of the mean loss over ``data`` with respect to the selected parameters.
 
     Args:
@@ -373,21 +445,17 @@ class HessianOperator(_CurvatureOperator):
     leave the model's modes, parameters, buffers and the global RNG state as they were.
     """
 
-    def _make_product(self, inputs: Any, targets: Any, index: int) -> Product:
-        context = partial(self._context, index)
-        check = partial(self._check_loss, index=index)
-        if self.method == "rev-rev":
-            loss = func.make_functional_loss(self.model, self.loss_fn, self._frozen, inputs,
-                                             targets, call=self._call, output=self.output)
-            return products.make_hvp_revrev(loss, self._primals, self.layout, context=context,
-                                        check_loss=check, reuse=self.reuse_graph)
-        loss = func.make_functional_loss(self.model, self.loss_fn, self._frozen, inputs, targets,
-                                         tie_weights=self._tied, output=self.output)
-        return products.make_hvp_fwdrev(loss, self._primals, self.layout, context=context,
-                                    check_loss=check)
+    def make_product(self, batch: BatchFunctions) -> Product:
+        """The Hessian-vector product of one batch by the route ``batch.method``."""
+        if batch.method == "rev-rev":
+            return products.make_hvp_revrev(batch.loss, batch.primals, batch.layout,
+                                            context=batch.context, check_loss=batch.check_loss,
+                                            reuse=batch.reuse_graph)
+        return products.make_hvp_fwdrev(batch.loss, batch.primals, batch.layout,
+                                        context=batch.context, check_loss=batch.check_loss)
 
 
-class GGNOperator(_CurvatureOperator):
+class GGNOperator(CurvatureOperator):
     """The generalized Gauss-Newton matrix ``G = (1/N) sum_i J_i^T (d^2 l / d f^2) J_i``.
 
     Same arguments as :class:`HessianOperator`. The output-space Hessian comes from ``loss_fn``
@@ -397,10 +465,9 @@ class GGNOperator(_CurvatureOperator):
     for ``J v``) and keeps the graph like the Hessian; ``"fwd-rev"`` uses ``jvp`` for ``J v``.
     """
 
-    def _make_product(self, inputs: Any, targets: Any, index: int) -> Product:
-        outputs = func.make_functional_outputs(self.model, self._frozen, inputs, self.output)
-        factory = (products.make_ggnvp_revrev if self.method == "rev-rev"
+    def make_product(self, batch: BatchFunctions) -> Product:
+        """The Gauss-Newton-vector product of one batch by the route ``batch.method``."""
+        factory = (products.make_ggnvp_revrev if batch.method == "rev-rev"
                    else products.make_ggnvp_fwdrev)
-        return factory(outputs, lambda f: self.loss_fn(f, targets), self._primals, self.layout,
-                       context=partial(self._context, index),
-                       check_loss=partial(self._check_loss, index=index))
+        return factory(batch.outputs, batch.loss_of_outputs, batch.primals, batch.layout,
+                       context=batch.context, check_loss=batch.check_loss)

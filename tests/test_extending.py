@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import inspect
 import re
 import sys
 from pathlib import Path
@@ -13,8 +14,9 @@ import pytest
 import torch
 
 import curvlab as cl
+from curvlab import products
 from curvlab.callbacks import Context, Measurement, Record
-from curvlab.testing import MLP, mse
+from curvlab.testing import MLP, dense_ggn, dense_hessian, dense_jacobian, make_case, mse
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "extending.md"
 
@@ -223,6 +225,121 @@ def test_custom_measurement_logs_the_training_gradient(tmp_path):
     _train(plain, data, MemoryLogger(), [cl.Loss(every=100)])  # training without the measurement
     for p, q in zip(plain.parameters(), model.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- operators
+
+
+class DampedHessian(cl.CurvatureOperator):
+    """``H + lam I``: the Hessian of the mean loss plus a damping term."""
+
+    def __init__(self, model, loss_fn, data, *, lam, **kwargs):
+        self.lam = lam  # before super().__init__, which may build products
+        super().__init__(model, loss_fn, data, **kwargs)
+
+    def make_product(self, batch):
+        common = {"context": batch.context, "check_loss": batch.check_loss}
+        if batch.method == "rev-rev":
+            hvp = products.make_hvp_revrev(batch.loss, batch.primals, batch.layout,
+                                           reuse=batch.reuse_graph, **common)
+        else:
+            hvp = products.make_hvp_fwdrev(batch.loss, batch.primals, batch.layout, **common)
+        return lambda V: hvp(V) + self.lam * V  # mean over batches: H V + lam V
+
+
+class JacobianGram(cl.CurvatureOperator):
+    """``sum_i J_i^T J_i / N``: the Gauss-Newton matrix with the loss's output Hessian set to I."""
+
+    def make_product(self, batch):
+        def unit(f):  # mean_i 0.5 ||f_i||^2, whose Hessian in f is I / n
+            return 0.5 * f.pow(2).sum() / f.shape[0]
+
+        factory = (products.make_ggnvp_revrev if batch.method == "rev-rev"
+                   else products.make_ggnvp_fwdrev)
+        return factory(batch.outputs, unit, batch.primals, batch.layout, context=batch.context,
+                       check_loss=batch.check_loss)
+
+
+@pytest.mark.parametrize("method", ["rev-rev", "fwd-rev"])
+@pytest.mark.parametrize("reuse_graph", [True, False])
+def test_new_operators_match_dense_references(method, reuse_graph):
+    for cls in (DampedHessian, JacobianGram):
+        assert len(inspect.getsource(cls).splitlines()) < 30
+    case = make_case("multibatch")  # an MLP, float64, batches of 7, 3 and 12 examples
+    model, loss_fn, data = case.model, case.loss_fn, case.data
+    P = sum(p.numel() for p in model.parameters())
+    eye = torch.eye(P, dtype=torch.float64)  # (P, P)
+    kwargs = {"method": method, "reuse_graph": reuse_graph}
+    A = DampedHessian(model, loss_fn, data, lam=0.3, **kwargs)
+    torch.testing.assert_close(A @ eye, dense_hessian(model, loss_fn, data) + 0.3 * eye)
+    N = sum(len(x) for x, _ in data)
+    gram = sum(J.reshape(-1, P).T @ J.reshape(-1, P)
+               for J in (dense_jacobian(model, x) for x, _ in data)) / N  # (P, P)
+    B = JacobianGram(model, loss_fn, data, **kwargs)
+    torch.testing.assert_close(B @ eye, gram)
+    v = torch.randn(P, dtype=torch.float64)
+    torch.testing.assert_close(B @ v, gram @ v)  # a vector as well as a block
+    assert A.num_matvecs == P and B.num_matvecs == P + 1 and A.method == method
+    # params= selects a diagonal block, as for the built-in operators
+    C = JacobianGram(model, loss_fn, data, params=["4.weight", "4.bias"], **kwargs)
+    block = C @ torch.eye(C.shape[0], dtype=torch.float64)
+    torch.testing.assert_close(block, gram[-C.shape[0]:, -C.shape[0]:])
+
+
+def test_builtin_operators_are_curvature_operators():
+    case = make_case("mlp_relu")  # cross-entropy
+    for cls, dense in ((cl.HessianOperator, dense_hessian), (cl.GGNOperator, dense_ggn)):
+        A = cls(case.model, case.loss_fn, case.data)
+        assert isinstance(A, cl.CurvatureOperator)
+        torch.testing.assert_close(A @ torch.eye(A.shape[0], dtype=torch.float64),
+                                   dense(case.model, case.loss_fn, case.data))
+    with pytest.raises(TypeError, match=r"CurvatureOperator: subclass CurvatureOperator and "
+                       r"implement make_product\(batch\)"):
+        cl.CurvatureOperator(case.model, case.loss_fn, case.data)
+
+
+def _top(A):
+    return torch.linalg.eigvalsh(A)[-1]
+
+
+def test_ggn_sharpness_matches_dense_ggn(tmp_path):
+    model, data = _problem()
+    opt = torch.optim.SGD([{"params": model[0].parameters(), "lr": 0.1},
+                           {"params": [*model[2].parameters(), *model[4].parameters()]}], lr=0.05)
+    measurements = [cl.Sharpness(every=3, matrix="ggn", tol=1e-10),
+                    cl.Sharpness(every=3, matrix="ggn", preconditioned="lr", tol=1e-10),
+                    cl.Sharpness(every=3, tol=1e-10)]
+    assert [m.name for m in measurements] == ["sharpness_ggn", "sharpness_ggn_lr", "sharpness"]
+    snapshots = {}
+    with cl.RunLogger(tmp_path / "ggn.h5", {}) as log:
+        monitor = cl.Monitor(model, mse, data, log, measurements, optimizer=opt)
+        monitor.on_train_start()
+        snapshots[0] = copy.deepcopy(model)
+        for step in range(1, 7):
+            opt.zero_grad()
+            mse(model(data[0]), data[1]).backward()
+            opt.step()
+            monitor.on_train_batch_end(step)
+            snapshots[step] = copy.deepcopy(model)
+        monitor.on_train_end()
+    run = cl.load_run(tmp_path / "ggn.h5")
+    assert run["sharpness_ggn"].step.tolist() == [0, 3, 6]
+    assert run["sharpness_ggn"].description == "top GGN eigenvalue"
+    assert run["sharpness_ggn_lr"].threshold == 2 / 0.05  # the base LR's line, as for H
+    scales = torch.cat([torch.full((p.numel(),), 2.0 if n.startswith("0.") else 1.0,
+                                   dtype=torch.float64) for n, p in model.named_parameters()])
+    d = scales.sqrt()  # D^(1/2), (P,)
+    for i, step in enumerate([0, 3, 6]):
+        G = dense_ggn(snapshots[step], mse, data)  # (P, P)
+        H = dense_hessian(snapshots[step], mse, data)
+        assert (G - H).abs().max() > 1e-3  # the residual term: G is not H here
+        torch.testing.assert_close(torch.tensor(run["sharpness_ggn"].value[i]), _top(G))
+        torch.testing.assert_close(torch.tensor(run["sharpness_ggn_lr"].value[i]),
+                                   _top(d[:, None] * G * d[None, :]))
+        torch.testing.assert_close(torch.tensor(run["sharpness"].value[i]), _top(H))
+    with pytest.raises(ValueError, match=r"Sharpness: matrix must be one of \('hessian', 'ggn'\)"
+                       r" .*got 'fisher'"):
+        cl.Sharpness(every=1, matrix="fisher")
 
 
 # ----------------------------------------------------------------------------- docs

@@ -33,10 +33,11 @@ from curvlab.func import forward_context, unwrap_compiled
 from curvlab.kernel_metrics import kernel_alignment, kernel_distance
 from curvlab.linalg import hutchpp_trace, lanczos, spectral_density, subspace_eigs
 from curvlab.ntk import empirical_ntk
-from curvlab.operators import HessianOperator
+from curvlab.operators import GGNOperator, HessianOperator
 from curvlab.preconditioning import adam_scales, lr_scales, preconditioned
 
 PRECONDITIONERS = (None, "lr", "adam")
+MATRICES = {"hessian": HessianOperator, "ggn": GGNOperator}  # the curvature Sharpness tracks
 LRS = ("current", "base")  # which LR of a scheduled group a preconditioned sharpness uses
 TRACKING_TOL = 1e-3  # the default relative accuracy of Sharpness and HessianSpectrum
 
@@ -187,9 +188,13 @@ class _HessianMeasurement(Measurement):
     def __init__(self, *, k: int, tol: float, max_iters: int | None, blocks: Any,
                  preconditioned: str | None, warm_start: bool = True,
                  warm_vectors: int | None = None, probe_size: int | None = None,
-                 lr: str = "current", **schedule: Any) -> None:
+                 lr: str = "current", matrix: str = "hessian", **schedule: Any) -> None:
         super().__init__(**schedule)
         call = type(self).__name__
+        if matrix not in MATRICES:
+            raise ValueError(f"{call}: matrix must be one of {tuple(MATRICES)} (the Hessian or "
+                             f"the Gauss-Newton matrix), got {matrix!r}")
+        self.matrix, self.label = matrix, "Hessian" if matrix == "hessian" else "GGN"
         if preconditioned not in PRECONDITIONERS:
             raise ValueError(f"{call}: preconditioned must be one of {PRECONDITIONERS}, got "
                              f"{preconditioned!r}")
@@ -231,11 +236,11 @@ class _HessianMeasurement(Measurement):
             self._blocks = resolve_blocks(ctx.model, self.blocks, type(self).__name__)
 
     def operator(self, ctx: Context, params: list[str] | None = None) -> Any:
-        """The Hessian on the probe (of ``params`` only, a diagonal block, when given),
-        preconditioned by ``kind``; ``None`` when that preconditioner is 0 on every parameter
-        (an LR of 0), which leaves the operator 0."""
-        H: Any = HessianOperator(ctx.model, ctx.loss_fn, self.probe(ctx), params=params,
-                                 output=ctx.output, weights=ctx.weights)
+        """The Hessian (or GGN, ``matrix``) on the probe (of ``params`` only, a diagonal block,
+        when given), preconditioned by ``kind``; ``None`` when that preconditioner is 0 on every
+        parameter (an LR of 0), which leaves the operator 0."""
+        H: Any = MATRICES[self.matrix](ctx.model, ctx.loss_fn, self.probe(ctx), params=params,
+                                       output=ctx.output, weights=ctx.weights)
         scales = _scales(self.kind, ctx.optimizer, ctx.model, type(self).__name__,
                          scheduled=self.lr == "current")
         if scales is not None:
@@ -281,7 +286,8 @@ class _HessianMeasurement(Measurement):
 
     def matvec_record(self, result: Any) -> Record:
         return Record(f"{self.name}_matvecs", result.num_matvecs,
-                      description="Hessian-vector products of this measurement's top-k search")
+                      description=f"{self.label}-vector products of this measurement's top-k "
+                      "search")
 
     def block_records(self, ctx: Context, with_trace: bool) -> list[Record]:
         if self.blocks is None:
@@ -303,10 +309,10 @@ class _HessianMeasurement(Measurement):
             if with_trace and A is not None:
                 traces.append(self.trace(A, ctx))
         records = [Record(f"{self.name}_blocks", tops, labels,
-                          "top eigenvalue of each diagonal Hessian block")]
+                          f"top eigenvalue of each diagonal {self.label} block")]
         if with_trace:
             records.append(Record(f"{self.name}_block_trace", traces, labels,
-                                  "trace of each diagonal Hessian block (Hutch++)"))
+                                  f"trace of each diagonal {self.label} block (Hutch++)"))
         return records
 
     def trace(self, A: Any, ctx: Context) -> float:
@@ -320,12 +326,16 @@ class _HessianMeasurement(Measurement):
 
 
 class Sharpness(_HessianMeasurement):
-    """Top-``k`` Hessian eigenvalues, tracked along training.
+    """Top-``k`` Hessian (or Gauss-Newton) eigenvalues, tracked along training.
 
     ``preconditioned``: ``None`` (raw), ``"lr"`` (``D = lr_scales``) or ``"adam"``
     (``D = adam_scales``); the EoS threshold (:func:`eos_threshold`) is stored as the metric's
     ``threshold`` attribute and logged as ``<name>_threshold``. Metric name: ``sharpness``,
-    ``sharpness_lr`` or ``sharpness_adam`` unless ``name=``.
+    ``sharpness_lr`` or ``sharpness_adam`` unless ``name=``. ``matrix="ggn"`` tracks the
+    Gauss-Newton matrix ``G`` (:class:`~curvlab.GGNOperator`) instead of ``H``, with everything
+    below alike: metrics ``sharpness_ggn``, ``sharpness_ggn_lr``, ... against the same line (the
+    top of ``G``, the curvature of the linearized model, tracks that of ``H`` where the
+    residual term is small).
 
     Tracking mode (the default): ``tol=1e-3`` relative accuracy (``cl.sharpness`` keeps 1e-4);
     the first measurement runs Lanczos from a random vector, each later one starts from the
@@ -360,12 +370,15 @@ class Sharpness(_HessianMeasurement):
     def __init__(self, *, k: int = 1, preconditioned: str | None = None,
                  tol: float = TRACKING_TOL, max_iters: int | None = None, blocks: Any = None,
                  warm_start: bool = True, warm_vectors: int | None = None,
-                 probe_size: int | None = None, lr: str = "current", **schedule: Any) -> None:
-        schedule.setdefault("name", "sharpness" + (f"_{preconditioned}" if preconditioned else "")
+                 probe_size: int | None = None, lr: str = "current", matrix: str = "hessian",
+                 **schedule: Any) -> None:
+        schedule.setdefault("name", "sharpness" + ("_ggn" if matrix == "ggn" else "")
+                            + (f"_{preconditioned}" if preconditioned else "")
                             + ("_base" if lr == "base" else ""))
         super().__init__(k=k, tol=tol, max_iters=max_iters, blocks=blocks,
                          preconditioned=preconditioned, warm_start=warm_start,
-                         warm_vectors=warm_vectors, probe_size=probe_size, lr=lr, **schedule)
+                         warm_vectors=warm_vectors, probe_size=probe_size, lr=lr, matrix=matrix,
+                         **schedule)
 
     def measure(self, ctx: Context) -> list[Record | Skip]:
         A, skip = self.operator_or_skip(ctx)
@@ -376,7 +389,7 @@ class Sharpness(_HessianMeasurement):
         threshold = eos_threshold(self.kind, ctx.optimizer)
         records: list[Record | Skip] = [Record(self.name, values[0] if self.k == 1 else values,
                           None if self.k == 1 else [str(i) for i in range(self.k)],
-                          "top Hessian eigenvalue" + ("s" if self.k > 1 else "")
+                          f"top {self.label} eigenvalue" + ("s" if self.k > 1 else "")
                           + (f", preconditioned by {self.kind}" if self.kind else ""), threshold)]
         if threshold is not None:
             records.append(Record(f"{self.name}_threshold", threshold,
