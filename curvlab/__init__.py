@@ -20,6 +20,7 @@ from curvlab.callbacks import (
     Sharpness,
     TensorBoardLogger,
 )
+from curvlab.curvature import BatchFunctions, CurvatureOperator, OperatorBase
 from curvlab.features import (
     FeatureChangeResult,
     FeatureSpeedResult,
@@ -48,13 +49,7 @@ from curvlab.linalg import (
 from curvlab.loggers import MetricLogger
 from curvlab.models import NTP, SP, DepthMuP, MuP, effective_depth, interpolated, transfer_lr
 from curvlab.ntk import NTKOperator, empirical_ntk, empirical_ntk_per_layer, ntk_eigenvalues
-from curvlab.operators import (
-    BatchFunctions,
-    CurvatureOperator,
-    GGNOperator,
-    HessianOperator,
-    OperatorBase,
-)
+from curvlab.operators import GGNOperator, HessianOperator
 from curvlab.plotting import plot_lr_sweep, plot_metrics, plot_overlay
 from curvlab.preconditioning import Preconditioned, adam_scales, lr_scales, preconditioned
 from curvlab.runs import Metric, Run, load_run, load_runs

@@ -30,6 +30,7 @@ from torch.func import jvp, vjp, vmap
 
 from curvlab import distributed, func
 from curvlab.batches import Output
+from curvlab.curvature import OperatorBase, select_params
 from curvlab.ntk_kernels import (
     KernelSetup,
     jacobian_kernel,
@@ -37,7 +38,6 @@ from curvlab.ntk_kernels import (
     ntvp_kernel,
     structured_kernel,
 )
-from curvlab.operators import OperatorBase, select_params
 
 OUTPUTS = ("full", "trace", "diagonal")
 METHODS = ("auto", "structured", "jacobian", "ntvp")

@@ -40,7 +40,7 @@ from torch.func import jacrev, jvp, vjp, vmap
 
 from curvlab import func
 from curvlab.batches import Output, pick_output
-from curvlab.operators import select_params
+from curvlab.curvature import select_params
 
 _tree_map = torch.utils._pytree.tree_map
 

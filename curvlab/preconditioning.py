@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvlab.operators import OperatorBase
+from curvlab.curvature import OperatorBase
 
 
 class Preconditioned(OperatorBase):
