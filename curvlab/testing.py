@@ -27,6 +27,7 @@ from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from curvlab.batches import Output, Weights, as_batches, batch_weight, call_args, pick_output
+from curvlab.losses import mse
 from curvlab.operators import select_params
 
 
@@ -233,11 +234,6 @@ class DictInput(nn.Module):
     def forward(self, x: Tensor, z: Tensor) -> Tensor:  # called as model(**{"x": ..., "z": ...})
         h = torch.tanh(self.fx(x)) * torch.sigmoid(self.fz(z))  # (n, width)
         return self.out(h)  # (n, d_out)
-
-
-def mse(outputs: Tensor, targets: Tensor) -> Tensor:
-    """``mean_i 0.5 ||f_i - y_i||^2`` (summed over outputs), the convention of docs/math.md."""
-    return 0.5 * (outputs - targets).pow(2).sum(-1).mean()
 
 
 def log_cosh(outputs: Tensor, targets: Tensor) -> Tensor:
