@@ -7,10 +7,8 @@ A measurement of your own subclasses :class:`Measurement` and returns :class:`Re
 from curvlab.callbacks.measurements import (
     FeatureChange,
     FeatureSpeed,
-    HessianSpectrum,
     Loss,
     NTKSpectrum,
-    Sharpness,
     eos_threshold,
     resolve_blocks,
 )
@@ -23,6 +21,7 @@ from curvlab.callbacks.monitor import (
     Schedule,
     Skip,
 )
+from curvlab.callbacks.spectra import HessianSpectrum, Sharpness
 from curvlab.callbacks.tensorboard import TensorBoardLogger
 
 __all__ = ["SKIP_REASONS", "Context", "FeatureChange", "FeatureSpeed", "HessianSpectrum", "Loss",
