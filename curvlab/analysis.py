@@ -14,6 +14,10 @@ with ``N_max`` the widest run of the group:
 Super consistent: small gaps that do not grow with ``t``. Runs that share a width (several
 seeds) are averaged first.
 
+Also: :func:`sweep_report` (the report of ``curvlab sweep``), :func:`lr_report` (the best LR per
+parametrization and width of an LR sweep, by the final loss) and :func:`run_summary` (``curvlab
+inspect``: a run's config, environment and one line per metric).
+
 Example:
     >>> import numpy as np, curvlab as cl
     >>> from curvlab.runs import Metric, Run
@@ -31,13 +35,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import os
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from curvlab.runs import Run
+from curvlab.runs import Run, load_run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,3 +186,42 @@ def sweep_report(runs: Sequence[Run], window: int = 5) -> str:
     if all("loss" in r.metrics for r in runs):
         lines += ["", super_consistency(runs, metric="loss", window=window).table()]
     return "\n".join(lines) + "\n"
+
+
+def lr_report(runs: Sequence[Run], last: int = 10) -> str:
+    """Best LR per (parametrization, width) by the final loss: the mean of the last ``last``
+    logged losses (infinite for a run that diverged), as a Markdown table."""
+    best: dict[tuple[str, int], tuple[float, float]] = {}
+    for r in runs:
+        loss = r.metrics["loss"].value
+        final = float(np.mean(loss[-last:])) if loss.size and "diverged" not in r.metrics \
+            else float("inf")
+        key = (str(r.config["parametrization"]), int(r.config["width"]))
+        if key not in best or final < best[key][1]:
+            best[key] = (float(r.config["lr"]), final)
+    lines = ["# LR sweep report", "", "| parametrization | width | best lr | final loss |",
+             "|---|---:|---:|---:|"]
+    lines += [f"| {p} | {w} | {lr:.4g} | {v:.4g} |" for (p, w), (lr, v) in sorted(best.items())]
+    return "\n".join(lines) + "\n"
+
+
+def run_summary(path: str | os.PathLike[str]) -> str:
+    """A run file's config, environment and one line per metric: its shape per step, rows, step
+    span, last value (the first 6 entries of a vector) and EoS threshold."""
+    run = load_run(path)
+    lines = [f"run {run.path} (schema {run.attrs.get('schema_version')}, curvlab "
+             f"{run.attrs.get('curvlab_version')}, created {run.attrs.get('created')})", "config:"]
+    lines += [f"  {k} = {json.dumps(v)}" for k, v in sorted(run.config.items())]
+    lines += ["env: " + ", ".join(f"{k}={v}" for k, v in sorted(run.env.items())), "metrics:"]
+    if not run.metrics:
+        lines.append("  (none)")
+    for name, m in sorted(run.metrics.items()):
+        shape = "x".join(map(str, m.value.shape[1:])) or "scalar"
+        span = f"steps {m.step[0]}..{m.step[-1]}" if m.step.size else "no steps"
+        last = m.value[-1] if m.value.size else None
+        shown = (f"{last:.6g}" if np.ndim(last) == 0 else
+                 "[" + ", ".join(f"{v:.4g}" for v in np.ravel(last)[:6])
+                 + (", ...]" if np.size(last) > 6 else "]")) if last is not None else "-"
+        extra = f", threshold {m.threshold:.6g}" if m.threshold is not None else ""
+        lines.append(f"  {name:<28} {shape:<8} {len(m.step):>6} rows, {span}, last {shown}{extra}")
+    return "\n".join(lines)

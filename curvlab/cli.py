@@ -1,12 +1,23 @@
-"""Command-line front end (argparse only).
+"""Command-line front end: parses the arguments and calls the function that does the work.
 
-- ``curvlab sweep [flags] [--config FILE]``: the main job (see ``curvlab.sweep``): one HDF5 run per
-  configuration in ``OUT/runs``, the overlay figure ``OUT/overlay.png`` and ``OUT/report.md``.
-  ``--jobs N`` trains N runs at once; ``--plan-only`` writes one run config per run to
-  ``OUT/plan`` and trains nothing (see ``curvlab.fanout`` and docs/cluster.md).
-- ``curvlab run CONFIG``: train the one run a planned run config describes.
-- ``curvlab plot RUNS... -o FIG [--metric M]``, ``curvlab report RUNS...``,
-  ``curvlab inspect RUN``, ``curvlab demo``.
+- ``curvlab sweep [flags] [--config FILE]``: the main job, :func:`curvlab.sweep.run_sweep` then
+  :func:`curvlab.fanout.write_report`: one HDF5 run per configuration in ``OUT/runs``, the
+  overlay figure ``OUT/overlay.png`` and ``OUT/report.md``. ``--jobs N`` trains N runs at once;
+  ``--plan-only`` writes one run config per run to ``OUT/plan`` and trains nothing
+  (:func:`curvlab.fanout.plan_sweep`, docs/cluster.md).
+- ``curvlab run CONFIG``: train the one run a planned run config describes
+  (:func:`curvlab.fanout.run_config`).
+- ``curvlab plot RUNS... -o FIG [--metric M]`` (:func:`curvlab.plot_overlay`), ``curvlab report
+  RUNS...`` (:func:`curvlab.sweep_report`), ``curvlab inspect RUN``
+  (:func:`curvlab.analysis.run_summary`), ``curvlab demo`` (:func:`curvlab.demo.demo`) and
+  ``curvlab bench hvp | eigs`` (the benchmark scripts of a source checkout).
+
+The flags of ``curvlab sweep`` are generated from the fields of
+:class:`~curvlab.sweep.SweepConfig` (:func:`add_config_flags`): field ``name`` is the flag
+``--name`` with ``_`` written ``-`` (``lrs`` is ``--lr``), its value is parsed by the field's
+type (a comma-separated list for a tuple field) and its help is the field's metadata, its default
+and, for the model, data set, parametrizations, optimizer, dtype and loss, the names of their
+registries. Flags override the values of ``--config`` (a JSON or TOML file of SweepConfig fields).
 
 Example:
     $ curvlab sweep --out runs/sweep
@@ -16,88 +27,100 @@ Example:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import sys
-import time
+import types
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from curvlab.linalg import lanczos
-from curvlab.operators import HessianOperator
-from curvlab.testing import MLP, mse
+from curvlab.sweep import RunsFailed, SweepConfig, config_from_dict
+
+CLI_DEFAULTS = {"device": "cuda when available, else cpu"}  # where the CLI differs from the field
+BENCHMARKS = {"hvp": "compare_hvp.py", "eigs": "compare_eigs.py"}
 
 
-def demo(steps: int = 300, lr: float = 0.5, width: int = 64, seed: int = 0) -> list[float]:
-    """Train a small tanh MLP on a teacher task with full-batch GD and print its sharpness.
-
-    The sharpness (top Hessian eigenvalue of the mean MSE loss) is computed by Lanczos from exact
-    Hessian-vector products, warm-started from the previous top eigenvector, and compared with
-    the gradient descent stability threshold ``2 / lr`` (Cohen et al. 2021, arXiv:2103.00065).
-    """
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    x = torch.randn(256, 8, generator=g)  # (n, d_in)
-    teacher = MLP(8, 16, 2)
-    with torch.no_grad():
-        y = teacher(x)  # (n, 2)
-    model = MLP(8, width, 2)
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
-    print(f"full-batch GD on a {sum(p.numel() for p in model.parameters())}-parameter tanh MLP, "
-          f"lr={lr}, stability threshold 2/lr = {2 / lr:.1f}")
-    print(f"{'step':>6} {'loss':>10} {'sharpness':>10} {'products':>9} {'seconds':>8}")
-    history: list[float] = []
-    v0 = None
-    for step in range(steps + 1):
-        if step % max(steps // 6, 1) == 0:
-            start = time.perf_counter()
-            H = HessianOperator(model, mse, (x, y))
-            result = lanczos(H, 1, tol=1e-4, v0=v0, generator=torch.Generator().manual_seed(seed))
-            top, v0 = float(result.eigenvalues[0]), result.eigenvectors
-            history.append(top)
-            print(f"{step:>6} {mse(model(x), y).item():>10.5f} {top:>10.3f} {H.num_matvecs:>9} "
-                  f"{time.perf_counter() - start:>8.2f}")
-        opt.zero_grad()
-        mse(model(x), y).backward()
-        opt.step()
-    return history
+def _flag(field: dataclasses.Field) -> str:
+    return "--" + (field.metadata.get("flag") or field.name).replace("_", "-")
 
 
-def inspect(path: str) -> str:
-    """A run's config, environment and a one-line summary per metric."""
-    from curvlab.runs import load_run
-
-    run = load_run(path)
-    lines = [f"run {run.path} (schema {run.attrs.get('schema_version')}, curvlab "
-             f"{run.attrs.get('curvlab_version')}, created {run.attrs.get('created')})", "config:"]
-    lines += [f"  {k} = {json.dumps(v)}" for k, v in sorted(run.config.items())]
-    lines += ["env: " + ", ".join(f"{k}={v}" for k, v in sorted(run.env.items())), "metrics:"]
-    if not run.metrics:
-        lines.append("  (none)")
-    for name, m in sorted(run.metrics.items()):
-        shape = "x".join(map(str, m.value.shape[1:])) or "scalar"
-        span = f"steps {m.step[0]}..{m.step[-1]}" if m.step.size else "no steps"
-        last = m.value[-1] if m.value.size else None
-        shown = (f"{last:.6g}" if np.ndim(last) == 0 else
-                 "[" + ", ".join(f"{v:.4g}" for v in np.ravel(last)[:6])
-                 + (", ...]" if np.size(last) > 6 else "]")) if last is not None else "-"
-        extra = f", threshold {m.threshold:.6g}" if m.threshold is not None else ""
-        lines.append(f"  {name:<28} {shape:<8} {len(m.step):>6} rows, {span}, last {shown}{extra}")
-    return "\n".join(lines)
+def _shown(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
-def _numbers(kind: type, text: str) -> tuple:
-    return tuple(kind(v) for v in text.replace(",", " ").split())
+def _tuple_item(hint: Any) -> Any:
+    """The item type of ``tuple[T, ...]`` or of a union's tuple member; ``None`` for others."""
+    for a in (hint, *typing.get_args(hint)):
+        if typing.get_origin(a) is tuple:
+            return typing.get_args(a)[0]
+    return None
 
 
-def sweep_config(args: argparse.Namespace) -> Any:
+def field_help(field: dataclasses.Field) -> str:
+    """The help of a SweepConfig field's flag: its metadata ``help``, the names it takes (its
+    ``choices``, a registry, and ``also``), how a list is written, and its default."""
+    meta, hint = field.metadata, typing.get_type_hints(SweepConfig)[field.name]
+    text = meta.get("help", "")
+    names = [*(meta.get("choices") or ()), *([meta["also"]] if meta.get("also") else [])]
+    if names:
+        text += ": " + ", ".join(names[:-1]) + (" or " if len(names) > 1 else "") + names[-1]
+    if _tuple_item(hint) is not None:
+        text += "; comma-separated"
+    if field.name in CLI_DEFAULTS or field.default is not None:
+        text += f" (default: {CLI_DEFAULTS.get(field.name) or _shown(field.default)})"
+    return text.replace("%", "%%")  # argparse formats help strings with %
+
+
+def parse_value(hint: Any, text: str) -> Any:
+    """``text`` as a value of type ``hint``: ``int``, ``float``, ``str``, ``tuple[T, ...]`` (items
+    separated by commas or spaces) or a union (its members tried in order, ``None`` skipped)."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is tuple:
+        return tuple(parse_value(args[0], item) for item in text.replace(",", " ").split())
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        members = [a for a in args if a is not type(None)]
+        for member in members[:-1]:
+            try:
+                return parse_value(member, text)
+            except ValueError:
+                pass
+        return parse_value(members[-1], text)
+    return hint(text)
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """Add one flag per :class:`~curvlab.sweep.SweepConfig` field to ``parser`` (see the module
+    docstring); return the actions by field name. The flags keep their text: values are parsed
+    by :func:`sweep_config`, together with those of ``--config``."""
+    return {f.name: parser.add_argument(_flag(f), dest=f.name, help=field_help(f),
+                                        metavar=_flag(f)[2:].replace("-", "_").upper())
+            for f in dataclasses.fields(SweepConfig)}
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    """A config value as its field's type: text parsed, a scalar of a tuple field one-tuple."""
+    hints = typing.get_type_hints(SweepConfig)
+    if name not in hints:
+        return value  # refused with the other unknown keys by config_from_dict
+    hint = hints[name]
+    if isinstance(value, str):
+        try:
+            return parse_value(hint, value)
+        except ValueError as err:
+            raise ValueError(f"{source}: {err}") from None
+    item = _tuple_item(hint)
+    if item is not None and isinstance(value, int | float) and not isinstance(value, bool):
+        return (item(value),)
+    return value
+
+
+def sweep_config(args: argparse.Namespace) -> SweepConfig:
     """A :class:`~curvlab.sweep.SweepConfig` from a JSON/TOML file and the flags (flags win)."""
-    from curvlab.sweep import config_from_dict
-
     values: dict[str, Any] = {}
     if args.config:
         path = Path(args.config)
@@ -107,42 +130,23 @@ def sweep_config(args: argparse.Namespace) -> Any:
             values = tomllib.loads(path.read_text())
         else:
             values = json.loads(path.read_text())
-    flags = {"model": args.model, "widths": args.widths, "depths": args.depths,
-             "parametrizations": args.parametrizations, "optimizer": args.optimizer,
-             "lrs": args.lr, "steps": args.steps, "batch_size": args.batch_size,
-             "dataset": args.dataset, "n": args.n, "probe_size": args.probe_size,
-             "every": args.every, "seeds": args.seeds, "device": args.device,
-             "base_width": args.base_width, "dtype": args.dtype, "loss": args.loss}
-    values.update({k: v for k, v in flags.items() if v is not None})
-    for key in ("widths", "depths", "seeds"):
-        if isinstance(values.get(key), str):
-            values[key] = _numbers(int, values[key])
-        elif isinstance(values.get(key), list):
-            values[key] = tuple(values[key])
-    if isinstance(values.get("parametrizations"), str):
-        values["parametrizations"] = tuple(values["parametrizations"].replace(",", " ").split())
+        values = {k: _coerce(k, v, f"--config {path}: {k}") for k, v in values.items()}
+    for f in dataclasses.fields(SweepConfig):
+        if getattr(args, f.name) is not None:
+            values[f.name] = _coerce(f.name, getattr(args, f.name), _flag(f))
     if values.get("device") is None:
         values["device"] = "cuda" if torch.cuda.is_available() else "cpu"
-    lrs = values.get("lrs")
-    if isinstance(lrs, str) and lrs != "auto":
-        values["lrs"] = _numbers(float, lrs)
-    elif isinstance(lrs, list | float | int):
-        values["lrs"] = tuple(lrs) if isinstance(lrs, list) else (float(lrs),)
     return config_from_dict(values)
 
 
 def sweep(args: argparse.Namespace) -> str:
-    """Run the sweep, then write the overlay figure(s) and the report; return the report."""
-    from curvlab.analysis import sweep_report
-    from curvlab.plotting import plot_lr_sweep, plot_overlay
-    from curvlab.runs import load_runs
+    """``curvlab sweep``: plan it (``--plan-only``), or run it and write its figures and report;
+    return what to print."""
+    from curvlab.fanout import plan_sweep, write_report
     from curvlab.sweep import run_sweep
 
-    cfg = sweep_config(args)
-    out = Path(args.out)
+    cfg, out = sweep_config(args), Path(args.out)
     if args.plan_only:
-        from curvlab.fanout import plan_sweep
-
         if args.jobs is not None:
             raise ValueError(f"--plan-only writes the plan and trains nothing, so it takes no "
                              f"--jobs (got --jobs {args.jobs}); drop --jobs, or drop --plan-only "
@@ -153,52 +157,7 @@ def sweep(args: argparse.Namespace) -> str:
                          f"{args.jobs}; use --jobs 1 (the default) to train one run at a time")
     paths = run_sweep(cfg, out, resume=args.resume, overwrite=args.overwrite,
                       progress=not args.quiet, jobs=1 if args.jobs is None else args.jobs)
-    runs = load_runs(paths)
-    sharp = "sharpness_lr" if cfg.optimizer == "sgd" else "sharpness_adam"
-    title = (f"{cfg.model} depth {cfg.depths[0]}, {cfg.dataset}, full-batch GD"
-             if cfg.batch_size is None else f"{cfg.model}, {cfg.dataset}")
-    figures = []
-    if cfg.lrs == "auto" or len(cfg.lrs) == 1:
-        save_figure(plot_overlay(runs, metric=sharp, title=title), out / "overlay.png")
-        figures.append("overlay.png")
-        save_figure(plot_overlay(runs, metric="loss", eos=False, log_y=True, title=title),
-                    out / "loss.png")
-        figures.append("loss.png")
-        report = sweep_report(runs)
-    else:
-        save_figure(plot_lr_sweep(runs), out / "lr_sweep.png")
-        figures.append("lr_sweep.png")
-        report = lr_report(runs)
-    report += "\nFigures: " + ", ".join(figures) + "\n"
-    (out / "report.md").write_text(report)
-    return report
-
-
-def lr_report(runs: Sequence[Any], last: int = 10) -> str:
-    """Best LR per (parametrization, width) by the final loss (mean of the last ``last``)."""
-    best: dict[tuple[str, int], tuple[float, float]] = {}
-    for r in runs:
-        loss = r.metrics["loss"].value
-        final = float(np.mean(loss[-last:])) if loss.size and "diverged" not in r.metrics \
-            else float("inf")
-        key = (str(r.config["parametrization"]), int(r.config["width"]))
-        if key not in best or final < best[key][1]:
-            best[key] = (float(r.config["lr"]), final)
-    lines = ["# LR sweep report", "", "| parametrization | width | best lr | final loss |",
-             "|---|---:|---:|---:|"]
-    lines += [f"| {p} | {w} | {lr:.4g} | {v:.4g} |" for (p, w), (lr, v) in sorted(best.items())]
-    return "\n".join(lines) + "\n"
-
-
-def save_figure(fig: Any, path: Any) -> None:
-    """Write ``fig`` and close it (pyplot keeps every open figure alive otherwise)."""
-    import matplotlib.pyplot as plt
-
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-
-
-BENCHMARKS = {"hvp": "compare_hvp.py", "eigs": "compare_eigs.py"}
+    return write_report(cfg, out, paths)
 
 
 def bench(which: str, options: list[str]) -> None:
@@ -208,7 +167,7 @@ def bench(which: str, options: list[str]) -> None:
     if not script.is_file():
         raise FileNotFoundError(f"{script} not found: the benchmarks live in the repository, "
                                 "not in the installed package; clone it and `pip install -e .`")
-    sys.path.insert(0, str(folder))  # the scripts import their shared helpers (hvp.py)
+    sys.path.insert(0, str(folder))  # the scripts import their neighbours (harness.py, ...)
     try:
         spec = importlib.util.spec_from_file_location(f"_curvlab_bench_{which}", script)
         module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
@@ -218,8 +177,12 @@ def bench(which: str, options: list[str]) -> None:
         sys.path.remove(str(folder))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="curvlab", description=__doc__)
+def build_parser() -> argparse.ArgumentParser:
+    """The ``curvlab`` parser and its subcommands."""
+    parser = argparse.ArgumentParser(prog="curvlab", description="curvlab: curvature and "
+                                     "feature-learning diagnostics for PyTorch; width sweeps, "
+                                     "their runs, figures and reports. `curvlab COMMAND --help` "
+                                     "lists a command's flags.")
     sub = parser.add_subparsers(dest="command", required=True)
     p_demo = sub.add_parser("demo", help="train a small MLP and print its sharpness")
     p_demo.add_argument("--steps", type=int, default=300)
@@ -227,30 +190,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_demo.add_argument("--width", type=int, default=64)
     p_demo.add_argument("--seed", type=int, default=0)
     p_sweep = sub.add_parser("sweep", help="train across widths, log, plot and report")
-    p_sweep.add_argument("--config", help="JSON or TOML file with SweepConfig fields")
-    p_sweep.add_argument("--model", help="mlp (default), resnet, convnet or transformer")
-    p_sweep.add_argument("--widths", help="e.g. '64,128,256,512' (default)")
-    p_sweep.add_argument("--depths", help="e.g. '3' (default)")
-    p_sweep.add_argument("--parametrizations",
-                         help="e.g. 'mup,ntp' (default); also sp, depth-mup and interp:S "
-                              "(cl.interpolated(S), S in [0, 1]: NTP at 0, muP at 1)")
-    p_sweep.add_argument("--optimizer", help="sgd (default) or adam")
-    p_sweep.add_argument("--lr", help="'auto' (default) or one or several LRs (an LR sweep)")
-    p_sweep.add_argument("--steps", type=int, help="training steps (default 200)")
-    p_sweep.add_argument("--batch-size", type=int, help="default: full batch")
-    p_sweep.add_argument("--dataset", help="teacher (default), mixture, digits or a .npz path")
-    p_sweep.add_argument("--n", type=int, help="training examples (default 512)")
-    p_sweep.add_argument("--probe-size", type=int, help="examples measured on (default 256)")
-    p_sweep.add_argument("--every", type=int, help="sharpness every N steps (default 10)")
-    p_sweep.add_argument("--seeds", help="e.g. '0' (default) or '0,1,2'")
-    p_sweep.add_argument("--base-width", type=int, help="muP base width (default: smallest)")
-    p_sweep.add_argument("--device", help="default: cuda when available, else cpu")
+    p_sweep.add_argument("--config", help="JSON or TOML file with SweepConfig fields; the flags "
+                         "below override its values")
+    add_config_flags(p_sweep)
     p_sweep.add_argument("--out", default="runs/sweep", help="output folder")
     p_sweep.add_argument("--resume", action="store_true", help="skip finished runs")
     p_sweep.add_argument("--overwrite", action="store_true", help="redo runs in --out")
     p_sweep.add_argument("--quiet", action="store_true", help="no progress bar")
-    p_sweep.add_argument("--dtype", help="float32 (default) or float64, of model and data")
-    p_sweep.add_argument("--loss", help="mse (default) or xent (cross-entropy on the classes)")
     p_sweep.add_argument("--jobs", type=int, help="train N runs at once, in N processes (with "
                          "CUDA, worker i on GPU i mod the GPU count; default 1)")
     p_sweep.add_argument("--plan-only", action="store_true", help="write OUT/plan (one run "
@@ -277,56 +223,59 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "memory; eigs: products to the top eigenvalues")
     p_bench.add_argument("options", nargs=argparse.REMAINDER,
                          help="passed on, e.g. --quick, --device cuda, --dtype bfloat16")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _dispatch(args: argparse.Namespace) -> None:
     if args.command == "bench":
-        try:
-            bench(args.which, args.options)
-        except FileNotFoundError as err:
-            print(f"curvlab bench: {err}", file=sys.stderr)
-            return 2
+        bench(args.which, args.options)
     elif args.command == "demo":
+        from curvlab.demo import demo
+
         demo(args.steps, args.lr, args.width, args.seed)
     elif args.command == "run":
         from curvlab.fanout import run_config
 
-        try:
-            path = run_config(args.config, overwrite=args.overwrite, device=args.device,
-                              progress=not args.quiet)
-        except (FileExistsError, FileNotFoundError, ValueError) as err:
-            print(f"curvlab run: {err}", file=sys.stderr)
-            return 2
+        path = run_config(args.config, overwrite=args.overwrite, device=args.device,
+                          progress=not args.quiet)
         print(f"wrote {path}")
-    elif args.command in ("sweep", "plot", "report"):
-        from curvlab.fanout import RunsFailed
-
-        try:
-            if args.command == "sweep":
-                print(sweep(args))
-            else:
-                from curvlab.analysis import sweep_report
-                from curvlab.plotting import plot_overlay
-                from curvlab.runs import load_runs
-
-                runs = [r for pattern in args.runs for r in load_runs(pattern)]
-                if args.command == "report":
-                    print(sweep_report(runs))
-                else:
-                    save_figure(plot_overlay(
-                        runs, metric=args.metric, log_steps=args.log_steps, index=args.index,
-                        eos=args.metric.startswith("sharpness"),
-                        log_y=args.metric in ("loss", "ntk_top")), args.output)
-        except (FileExistsError, FileNotFoundError, ValueError) as err:
-            print(f"curvlab {args.command}: {err}", file=sys.stderr)
-            return 2
-        except RunsFailed as err:
-            print(f"curvlab sweep: {err}", file=sys.stderr)
-            return 1
+    elif args.command == "sweep":
+        print(sweep(args))
     elif args.command == "inspect":
-        try:
-            print(inspect(args.run))
-        except (FileNotFoundError, ValueError) as err:
-            print(f"curvlab inspect: {err}", file=sys.stderr)
-            return 2
+        from curvlab.analysis import run_summary
+
+        print(run_summary(args.run))
+    else:  # plot, report
+        from curvlab.runs import load_runs
+
+        runs = [r for pattern in args.runs for r in load_runs(pattern)]
+        if args.command == "report":
+            from curvlab.analysis import sweep_report
+
+            print(sweep_report(runs))
+        else:
+            from curvlab.fanout import save_figure
+            from curvlab.plotting import plot_overlay
+
+            save_figure(plot_overlay(runs, metric=args.metric, log_steps=args.log_steps,
+                                     index=args.index, eos=args.metric.startswith("sharpness"),
+                                     log_y=args.metric in ("loss", "ntk_top")), args.output)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` and run the command; 2 for a refused input (the reason on stderr), 1 when
+    runs of a parallel sweep failed, else 0."""
+    args = build_parser().parse_args(argv)
+    refused = (FileNotFoundError,) if args.command == "bench" else (
+        FileExistsError, FileNotFoundError, ValueError)
+    try:
+        _dispatch(args)
+    except refused as err:
+        print(f"curvlab {args.command}: {err}", file=sys.stderr)
+        return 2
+    except RunsFailed as err:
+        print(f"curvlab sweep: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

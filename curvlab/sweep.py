@@ -1,5 +1,11 @@
 """Width (and depth, LR) sweeps: train one run per configuration and log it with a Monitor.
 
+A sweep is a :class:`SweepConfig` (the command line's flags are its fields, see ``curvlab.cli``);
+each of its runs is a :class:`RunSpec` (parametrization, width, depth, LR, seed), trained by
+:func:`train_one` into ``out/runs/<spec.name>``. The models, data sets and parametrizations it
+names are the registries :data:`MODELS`, :data:`DATASETS` and :data:`PARAMETRIZATIONS` (name ->
+builder; one entry adds one), the losses :data:`curvlab.losses.LOSSES`.
+
 Models: ``mlp``, ``resnet``, ``convnet`` (inputs viewed as square one-channel images, e.g. the
 8x8 digits or the 4x4 teacher inputs) and ``transformer`` (inputs split into 4 tokens).
 
@@ -28,9 +34,10 @@ with arrays ``x (n, d)`` and ``y (n, k)`` (or integer labels ``(n,)``). The loss
 the default, or ``"float64"``) is used for the model and the data.
 
 Running a sweep: ``run_sweep(cfg, out)`` trains the runs one after another; ``jobs=N`` trains N at
-once in separate processes, and ``curvlab.fanout.plan_sweep`` writes one JSON config per run for a
-cluster instead (``curvlab run CONFIG`` trains one). Every path gives the same run files: the auto
-LRs are computed once, before any training, and each run is seeded by its own seed alone.
+once in separate processes (:func:`run_parallel`), and ``curvlab.fanout.plan_sweep`` writes one
+JSON config per run for a cluster instead (``curvlab run CONFIG`` trains one). Every path gives
+the same run files: the auto LRs are computed once, before any training, and each run is seeded
+by its own seed alone.
 """
 
 from __future__ import annotations
@@ -39,96 +46,199 @@ import dataclasses
 import itertools
 import json
 import math
-from collections.abc import Mapping
+import multiprocessing
+import os
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
+from curvlab import models
 from curvlab.callbacks import FeatureSpeed, Loss, Monitor, NTKSpectrum, Sharpness
 from curvlab.hdf5 import RunLogger
-from curvlab.models import (
-    MLP,
-    NTP,
-    SP,
-    ConvNet,
-    DepthMuP,
-    MuP,
-    Parametrization,
-    ResNet,
-    Transformer,
-    interpolated,
-)
+from curvlab.losses import LOSSES
+from curvlab.models import Parametrization
 from curvlab.preconditioning import adam_scales, lr_scales
 from curvlab.runs import load_run
 from curvlab.sharpness import sharpness
-from curvlab.testing import mse
 
-MODELS = ("mlp", "resnet", "convnet", "transformer")
-DATASETS = ("teacher", "mixture", "digits")
-PARAMETRIZATIONS = ("mup", "ntp", "sp", "depth-mup", "interp:S")  # S in [0, 1]
-DTYPES = ("float32", "float64")
+TOKENS = 4  # a transformer's inputs (n, d) are TOKENS tokens (n, TOKENS, d / TOKENS)
 
 
-def cross_entropy(out: Tensor, y: Tensor) -> Tensor:
-    """Mean cross-entropy of logits ``out (n, k)`` against one-hot targets ``y (n, k)``."""
-    return torch.nn.functional.cross_entropy(out, y.argmax(dim=1))
+class _Shaped(torch.nn.Module):
+    """Feeds flat inputs ``(n, d)`` to an inner model as ``(n, *shape)``; keeps its ``width``,
+    ``depth`` and ``parametrization``."""
+
+    def __init__(self, inner: torch.nn.Module, shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.inner, self.shape = inner, shape
+        self.width, self.depth = inner.width, inner.depth
+        self.parametrization = inner.parametrization
+
+    def forward(self, x: Tensor) -> Tensor:  # x (n, d)
+        return self.inner(x.reshape(len(x), *self.shape))  # (n, d_out)
 
 
-LOSSES = {"mse": mse, "xent": cross_entropy}
+def _convnet(width: int, depth: int, p: Parametrization, d_in: int, d_out: int) -> _Shaped:
+    side = math.isqrt(d_in)
+    if side * side != d_in:
+        raise ValueError(f"build_model: model 'convnet' needs square images; inputs have {d_in} "
+                         "features")
+    return _Shaped(models.ConvNet(width, depth, p, in_channels=1, d_out=d_out), (1, side, side))
+
+
+def _transformer(width: int, depth: int, p: Parametrization, d_in: int, d_out: int) -> _Shaped:
+    if d_in % TOKENS:
+        raise ValueError(f"build_model: model 'transformer' splits inputs into {TOKENS} tokens; "
+                         f"{d_in} features do not divide")
+    return _Shaped(models.Transformer(width, depth, p, d_in=d_in // TOKENS, d_out=d_out),
+                   (TOKENS, d_in // TOKENS))
+
+
+ModelBuilder = Callable[[int, int, Parametrization, int, int], torch.nn.Module]
+MODELS: dict[str, ModelBuilder] = {
+    "mlp": lambda width, depth, p, d_in, d_out: models.MLP(width, depth, p, d_in=d_in,
+                                                           d_out=d_out),
+    "resnet": lambda width, depth, p, d_in, d_out: models.ResNet(width, depth, p, d_in=d_in,
+                                                                 d_out=d_out),
+    "convnet": _convnet,
+    "transformer": _transformer,
+}
+"""``name -> builder(width, depth, parametrization, d_in, d_out)`` of a module mapping flat
+inputs ``(n, d_in)`` to ``(n, d_out)`` with attributes ``width``, ``depth``, ``parametrization``."""
+
+
+def _teacher(n: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
+    x = torch.randn(n, 16, generator=g)  # (n, 16)
+    w1 = torch.randn(16, 32, generator=g) / 4  # (16, 32)
+    w2 = torch.randn(32, 4, generator=g) / math.sqrt(32)  # (32, 4)
+    return x, torch.tanh(x @ w1) @ w2 * 2  # (n, 4)
+
+
+def _mixture(n: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
+    centers = torch.randn(4, 16, generator=g) * 1.5  # (4 classes, 16)
+    labels = torch.randint(0, 4, (n,), generator=g)
+    x = centers[labels] + torch.randn(n, 16, generator=g)  # (n, 16)
+    return x, torch.nn.functional.one_hot(labels, 4).float()
+
+
+def _digits(n: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise ValueError("make_dataset: dataset 'digits' needs scikit-learn (pip install "
+                         "scikit-learn); or use 'teacher', 'mixture' or an .npz") from None
+    data = load_digits()
+    idx = torch.randperm(len(data.target), generator=g)[:n]
+    x = torch.tensor(data.data, dtype=torch.float32)[idx] / 16.0  # (n, 64)
+    return x, torch.nn.functional.one_hot(torch.tensor(data.target)[idx], 10).float()
+
+
+DatasetBuilder = Callable[[int, torch.Generator], tuple[Tensor, Tensor]]
+DATASETS: dict[str, DatasetBuilder] = {"teacher": _teacher, "mixture": _mixture,
+                                       "digits": _digits}
+"""``name -> builder(n, generator)`` of float32 ``(x (n, d), y (n, k))``; besides these, a
+sweep's dataset may be a path to an ``.npz`` file."""
+
+PARAMETRIZATIONS: dict[str, Callable[[int, float, int], Parametrization]] = {
+    "mup": lambda base_width, sigma, base_depth: models.MuP(base_width, sigma),
+    "ntp": lambda base_width, sigma, base_depth: models.NTP(sigma=sigma),
+    "sp": lambda base_width, sigma, base_depth: models.SP(sigma=sigma),
+    "depth-mup": lambda base_width, sigma, base_depth: models.DepthMuP(base_width, sigma,
+                                                                       base_depth=base_depth),
+}
+"""``name -> builder(base_width, sigma, base_depth)``; besides these, ``"interp:S"`` names
+``cl.interpolated(S)`` for ``S`` in ``[0, 1]``."""
+
+OPTIMIZERS = ("sgd", "adam")
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
 LR_FRACTION = 0.5
+
+
+def _lookup(registry: Mapping[str, Any], kind: str, name: str, call: str, more: str = "") -> Any:
+    if name not in registry:
+        raise ValueError(f"{call}: unknown {kind} {name!r}; choose from {tuple(registry)}{more}")
+    return registry[name]
+
+
+def _opt(default: Any, help: str, choices: Iterable[str] | None = None, also: str = "",
+         flag: str | None = None) -> Any:
+    """A :class:`SweepConfig` field with its default and, for ``curvlab.cli``, its help text, the
+    names it takes (a registry, read when the help is shown), what else it takes (``also``) and
+    its flag where that is not ``--<name>``."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices,
+                                                        "also": also, "flag": flag})
 
 
 @dataclasses.dataclass(frozen=True)
 class SweepConfig:
-    """Everything a sweep needs; every run file stores its own slice of it as its config."""
+    """Everything a sweep needs; every run file stores its own slice of it as its config.
 
-    model: str = "mlp"
-    widths: tuple[int, ...] = (64, 128, 256, 512)
-    depths: tuple[int, ...] = (3,)
-    parametrizations: tuple[str, ...] = ("mup", "ntp")
-    optimizer: str = "sgd"
-    lrs: tuple[float, ...] | str = "auto"
-    steps: int = 200
-    batch_size: int | None = None  # None: full batch
-    dataset: str = "teacher"
-    n: int = 512
-    probe_size: int = 256
-    every: int = 10
-    seeds: tuple[int, ...] = (0, 1, 2)  # averaged per width in the report
-    device: str = "cpu"
-    base_width: int | None = None  # None: the smallest width
-    sigma: float = 1.0  # base init scale of every parametrization
-    lr_fraction: float = LR_FRACTION  # lr="auto": eta = lr_fraction * 2 / lambda_0
-    dtype: str = "float32"  # of the model and the data: "float32" or "float64"
-    loss: str = "mse"  # "mse" or "xent" (cross-entropy on the one-hot targets' classes)
+    Tuple fields hold one value per run of the sweep (their product is the set of runs, see
+    :func:`prepare`); ``None`` of ``batch_size`` and ``base_width`` is "full batch" and "the
+    smallest width". Each field's ``metadata`` holds the help text of its command-line flag.
+    """
+
+    model: str = _opt("mlp", "the network", MODELS)
+    widths: tuple[int, ...] = _opt((64, 128, 256, 512), "hidden widths, one run each")
+    depths: tuple[int, ...] = _opt((3,), "depths (linear layers of an MLP, residual blocks of a "
+                                   "ResNet), one run each")
+    parametrizations: tuple[str, ...] = _opt(
+        ("mup", "ntp"), "how init, multipliers and per-layer LRs scale with width, one run each",
+        PARAMETRIZATIONS, "interp:S (cl.interpolated(S), S in [0, 1]: NTP at 0, muP at 1)")
+    optimizer: str = _opt("sgd", "the optimizer, with the parametrization's per-layer LRs",
+                          OPTIMIZERS)
+    lrs: tuple[float, ...] | str = _opt(
+        "auto", "base LRs, one run each (an LR sweep), or 'auto': lr_fraction of the stability "
+        "threshold at init at the base width, per parametrization and depth", flag="lr")
+    steps: int = _opt(200, "training steps")
+    batch_size: int | None = _opt(None, "examples per step, drawn with replacement; unset: "
+                                  "full batch")
+    dataset: str = _opt("teacher", "the training data", DATASETS,
+                        "a path to an .npz file with arrays x (n, d) and y (n, k) or labels (n,)")
+    n: int = _opt(512, "training examples")
+    probe_size: int = _opt(256, "the first examples, which the measurements use")
+    every: int = _opt(10, "log the sharpness, NTK spectrum and feature speed every N steps")
+    seeds: tuple[int, ...] = _opt((0, 1, 2), "seeds, one run each (averaged per width in the "
+                                  "report)")
+    device: str = _opt("cpu", "torch device of the model and the data")
+    base_width: int | None = _opt(None, "muP base width; unset: the smallest width")
+    sigma: float = _opt(1.0, "base init scale of every parametrization")
+    lr_fraction: float = _opt(LR_FRACTION, "lr 'auto': eta = lr_fraction * threshold / lambda_0")
+    dtype: str = _opt("float32", "dtype of the model and the data", DTYPES)
+    loss: str = _opt("mse", "the training loss (mse: mean 0.5 ||f - y||^2; xent: cross-entropy on "
+                     "the targets' classes)", LOSSES)
 
     def validate(self) -> None:
+        """Raise a ValueError naming the first field out of its range, and its choices."""
         call = "sweep"
-        if self.model not in MODELS:
-            raise ValueError(f"{call}: unknown model {self.model!r}; choose from {MODELS}")
-        unknown = [p for p in self.parametrizations if not _known_parametrization(p)]
+        _lookup(MODELS, "model", self.model, call)
+        unknown = [p for p in self.parametrizations
+                   if p not in PARAMETRIZATIONS and _interp_s(p) is None]
         if unknown or not self.parametrizations:
             raise ValueError(f"{call}: unknown parametrizations {unknown}; choose from "
-                             f"{PARAMETRIZATIONS}, e.g. 'interp:0.5' for cl.interpolated(0.5)")
+                             f"{(*PARAMETRIZATIONS, 'interp:S')}, e.g. 'interp:0.5' for "
+                             "cl.interpolated(0.5)")
         bad = [w for w in self.widths if isinstance(w, bool) or not isinstance(w, int) or w < 1]
         if bad or not self.widths:
             raise ValueError(f"{call}: widths must be positive integers, got {list(self.widths)}")
         if self.base_width is not None and self.base_width > min(self.widths):
             raise ValueError(f"{call}: base width {self.base_width} is larger than the smallest "
                              f"width {min(self.widths)}")
-        if self.dataset not in DATASETS and not str(self.dataset).endswith(".npz"):
-            raise ValueError(f"{call}: unknown dataset {self.dataset!r}; choose from {DATASETS} "
-                             "or give a path to an .npz file")
-        if self.optimizer not in ("sgd", "adam"):
+        if not str(self.dataset).endswith(".npz"):
+            _lookup(DATASETS, "dataset", self.dataset, call, " or give a path to an .npz file")
+        if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"{call}: optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
         if self.lrs != "auto" and (isinstance(self.lrs, str) or
                                    not all(lr > 0 for lr in self.lrs)):
             raise ValueError(f"{call}: lrs must be 'auto' or positive numbers, got {self.lrs!r}")
         if self.dtype not in DTYPES:
-            raise ValueError(f"{call}: dtype must be one of {DTYPES}, got {self.dtype!r}")
+            raise ValueError(f"{call}: dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
         if self.loss not in LOSSES:
             raise ValueError(f"{call}: loss must be one of {tuple(LOSSES)}, got {self.loss!r}")
 
@@ -138,7 +248,7 @@ class SweepConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return torch.float64 if self.dtype == "float64" else torch.float32
+        return DTYPES[self.dtype]
 
 
 def config_from_dict(values: Mapping[str, Any], call: str = "sweep") -> SweepConfig:
@@ -151,39 +261,36 @@ def config_from_dict(values: Mapping[str, Any], call: str = "sweep") -> SweepCon
     return SweepConfig(**plain)
 
 
-Job = tuple[str, int, int, float, int]  # (parametrization, width, depth, lr, seed)
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """One run of a sweep; with its :class:`SweepConfig`, all that the run's training reads."""
+
+    parametrization: str
+    width: int
+    depth: int
+    lr: float
+    seed: int
+
+    @property
+    def name(self) -> str:
+        """The run file's name, ``<parametrization>_w<width>_d<depth>_lr<lr>_s<seed>.h5`` (the LR
+        to 4 significant digits, ``interp:S`` written ``interp-S``); resume finds runs by it."""
+        return (f"{self.parametrization.replace(':', '-')}_w{self.width}_d{self.depth}"
+                f"_lr{self.lr:.4g}_s{self.seed}.h5")
 
 
 def make_dataset(name: str, n: int, seed: int = 0) -> tuple[Tensor, Tensor]:
-    """``(x (n, d), y (n, k))`` float32 (see the module docstring)."""
-    g = torch.Generator().manual_seed(seed)
-    if name == "teacher":
-        x = torch.randn(n, 16, generator=g)  # (n, 16)
-        w1 = torch.randn(16, 32, generator=g) / 4  # (16, 32)
-        w2 = torch.randn(32, 4, generator=g) / math.sqrt(32)  # (32, 4)
-        return x, torch.tanh(x @ w1) @ w2 * 2  # (n, 4)
-    if name == "mixture":
-        centers = torch.randn(4, 16, generator=g) * 1.5  # (4 classes, 16)
-        labels = torch.randint(0, 4, (n,), generator=g)
-        x = centers[labels] + torch.randn(n, 16, generator=g)  # (n, 16)
-        return x, torch.nn.functional.one_hot(labels, 4).float()
-    if name == "digits":
-        try:
-            from sklearn.datasets import load_digits
-        except ImportError:
-            raise ValueError("sweep: dataset 'digits' needs scikit-learn (pip install "
-                             "scikit-learn); or use 'teacher', 'mixture' or an .npz") from None
-        data = load_digits()
-        idx = torch.randperm(len(data.target), generator=g)[:n]
-        x = torch.tensor(data.data, dtype=torch.float32)[idx] / 16.0  # (n, 64)
-        y = torch.nn.functional.one_hot(torch.tensor(data.target)[idx], 10).float()
-        return x, y
+    """``(x (n, d), y (n, k))`` float32: :data:`DATASETS` ``[name]`` or an ``.npz`` file."""
+    if not name.endswith(".npz"):
+        builder = _lookup(DATASETS, "dataset", name, "make_dataset",
+                          " or give a path to an .npz file")
+        return builder(n, torch.Generator().manual_seed(seed))
     path = Path(name)
     if not path.exists():
-        raise ValueError(f"sweep: dataset file {path} does not exist")
+        raise ValueError(f"make_dataset: dataset file {path} does not exist")
     with np.load(path, allow_pickle=False) as f:
         if "x" not in f or "y" not in f:
-            raise ValueError(f"sweep: {path} must hold arrays 'x' and 'y'")
+            raise ValueError(f"make_dataset: {path} must hold arrays 'x' and 'y'")
         x, y = torch.tensor(f["x"], dtype=torch.float32), torch.tensor(f["y"])
     if y.ndim == 1:
         y = torch.nn.functional.one_hot(y.long()).float()
@@ -202,64 +309,30 @@ def _interp_s(name: str) -> float | None:
     return s if 0.0 <= s <= 1.0 else None
 
 
-def _known_parametrization(name: str) -> bool:
-    return name in ("mup", "ntp", "sp", "depth-mup") or _interp_s(name) is not None
-
-
 def parametrization(name: str, base_width: int, sigma: float, base_depth: int = 1
                     ) -> Parametrization:
-    """The parametrization a sweep names: ``"mup"``, ``"ntp"``, ``"sp"``, ``"depth-mup"``
-    (relative to ``base_depth``, the sweep's smallest depth) or ``"interp:S"``
+    """The parametrization a sweep names: :data:`PARAMETRIZATIONS` ``[name]`` (``"depth-mup"``
+    relative to ``base_depth``, the sweep's smallest depth) or ``"interp:S"``
     (``cl.interpolated(S)``, NTP at 0 and muP at 1)."""
     s = _interp_s(name)
     if s is not None:
-        return interpolated(s, base_width, sigma)
-    if name == "depth-mup":
-        return DepthMuP(base_width, sigma, base_depth=base_depth)
-    return {"mup": MuP(base_width, sigma), "ntp": NTP(sigma=sigma), "sp": SP(sigma=sigma)}[name]
+        return models.interpolated(s, base_width, sigma)
+    builder = _lookup(PARAMETRIZATIONS, "parametrization", name, "parametrization",
+                      " or 'interp:S' with S in [0, 1]")
+    return builder(base_width, sigma, base_depth)
 
 
 def _param(cfg: SweepConfig, par: str) -> Parametrization:
     return parametrization(par, cfg.base, cfg.sigma, min(cfg.depths))
 
 
-class _Shaped(torch.nn.Module):
-    """Feeds flat inputs ``(n, d)`` to a ConvNet as square images ``(n, 1, s, s)`` or to a
-    Transformer as ``TOKENS`` tokens ``(n, TOKENS, d / TOKENS)``; keeps the inner model's
-    ``width``, ``depth`` and ``parametrization``."""
-
-    def __init__(self, inner: torch.nn.Module, shape: tuple[int, ...]) -> None:
-        super().__init__()
-        self.inner, self.shape = inner, shape
-        self.width, self.depth = inner.width, inner.depth
-        self.parametrization = inner.parametrization
-
-    def forward(self, x: Tensor) -> Tensor:  # x (n, d)
-        return self.inner(x.reshape(len(x), *self.shape))  # (n, d_out)
-
-
-TOKENS = 4
-
-
 def build_model(cfg: SweepConfig, par: str, width: int, depth: int, d_in: int, d_out: int,
                 seed: int) -> torch.nn.Module:
+    """:data:`MODELS` ``[cfg.model]`` under ``par``, initialized after ``torch.manual_seed(seed)``,
+    on ``cfg.device`` in ``cfg.dtype``."""
+    builder = _lookup(MODELS, "model", cfg.model, "build_model")
     torch.manual_seed(seed)
-    p = _param(cfg, par)
-    model: torch.nn.Module
-    if cfg.model in ("mlp", "resnet"):
-        model = (MLP if cfg.model == "mlp" else ResNet)(width, depth, p, d_in=d_in, d_out=d_out)
-    elif cfg.model == "convnet":
-        side = math.isqrt(d_in)
-        if side * side != d_in:
-            raise ValueError(f"sweep: model 'convnet' needs square images; inputs have {d_in} "
-                             "features")
-        model = _Shaped(ConvNet(width, depth, p, in_channels=1, d_out=d_out), (1, side, side))
-    else:
-        if d_in % TOKENS:
-            raise ValueError(f"sweep: model 'transformer' splits inputs into {TOKENS} tokens; "
-                             f"{d_in} features do not divide")
-        model = _Shaped(Transformer(width, depth, p, d_in=d_in // TOKENS, d_out=d_out),
-                        (TOKENS, d_in // TOKENS))
+    model = builder(width, depth, _param(cfg, par), d_in, d_out)
     return model.to(device=cfg.device, dtype=cfg.torch_dtype)
 
 
@@ -298,30 +371,33 @@ def auto_lr(cfg: SweepConfig, par: str, depth: int, x: Tensor, y: Tensor) -> flo
     return cfg.lr_fraction * bound / lam
 
 
-def run_name(par: str, width: int, depth: int, lr: float, seed: int) -> str:
-    return f"{par.replace(':', '-')}_w{width}_d{depth}_lr{lr:.4g}_s{seed}.h5"
+def train_one(cfg: SweepConfig, spec: RunSpec, path: Path,
+              data: tuple[Tensor, Tensor] | None = None, progress: Any = None) -> None:
+    """One run: full-batch (or mini-batch) training with a Monitor, logged to ``path``.
 
-
-def train_one(cfg: SweepConfig, par: str, width: int, depth: int, lr: float, seed: int,
-              data: tuple[Tensor, Tensor], path: Path, progress: Any = None) -> None:
-    """One run: full-batch (or mini-batch) training with a Monitor, logged to ``path``."""
-    x, y = data
-    model = build_model(cfg, par, width, depth, x.shape[1], y.shape[1], seed)
-    opt = _param(cfg, par).optimizer(model, cfg.optimizer, lr)
+    ``data``: the sweep's ``(x, y)`` from :func:`load_data` (loaded here when ``None``);
+    ``progress``: a tqdm bar advanced by one per step. A run whose loss (or a measurement of a
+    network that has just blown up) is not finite stops there, logged as ``diverged``.
+    """
+    x, y = load_data(cfg) if data is None else data
+    model = build_model(cfg, spec.parametrization, spec.width, spec.depth, x.shape[1], y.shape[1],
+                        spec.seed)
+    opt = _param(cfg, spec.parametrization).optimizer(model, cfg.optimizer, spec.lr)
     probe = (x[:cfg.probe_size], y[:cfg.probe_size])
-    config = {"model": cfg.model, "width": width, "depth": depth, "parametrization": par,
-              "optimizer": cfg.optimizer, "lr": lr, "seed": seed, "steps": cfg.steps,
-              "dataset": cfg.dataset, "n": len(x), "batch_size": cfg.batch_size,
-              "probe_size": cfg.probe_size, "every": cfg.every, "base_width": cfg.base,
-              "loss": cfg.loss, "dtype": cfg.dtype}
-    g = torch.Generator().manual_seed(seed)
+    config = {"model": cfg.model, "width": spec.width, "depth": spec.depth,
+              "parametrization": spec.parametrization, "optimizer": cfg.optimizer, "lr": spec.lr,
+              "seed": spec.seed, "steps": cfg.steps, "dataset": cfg.dataset, "n": len(x),
+              "batch_size": cfg.batch_size, "probe_size": cfg.probe_size, "every": cfg.every,
+              "base_width": cfg.base, "loss": cfg.loss, "dtype": cfg.dtype}
+    g = torch.Generator().manual_seed(spec.seed)
     kind = "lr" if cfg.optimizer == "sgd" else "adam"
+    loss_fn = LOSSES[cfg.loss]
     with RunLogger(path, config, mode="w", env={"device": cfg.device}) as log:
-        monitor = Monitor(model, LOSSES[cfg.loss], probe, log,
+        monitor = Monitor(model, loss_fn, probe, log,
                           [Loss(every=1), Sharpness(every=cfg.every, preconditioned=kind),
                            NTKSpectrum(every=cfg.every, k=4, size=64),
                            FeatureSpeed(every=cfg.every)],
-                          optimizer=opt, seed=seed)
+                          optimizer=opt, seed=spec.seed)
         monitor.on_train_start()
         for step in range(1, cfg.steps + 1):
             if cfg.batch_size is None:
@@ -330,7 +406,7 @@ def train_one(cfg: SweepConfig, par: str, width: int, depth: int, lr: float, see
                 idx = torch.randint(0, len(x), (cfg.batch_size,), generator=g)
                 xb, yb = x[idx], y[idx]
             opt.zero_grad(set_to_none=True)
-            loss = LOSSES[cfg.loss](model(xb), yb)
+            loss = loss_fn(model(xb), yb)
             loss.backward()
             opt.step()
             if not torch.isfinite(loss):
@@ -339,8 +415,9 @@ def train_one(cfg: SweepConfig, par: str, width: int, depth: int, lr: float, see
             try:
                 monitor.on_train_batch_end(step)
             except ValueError:  # a measurement of a network that has just blown up
-                if _finite_loss(model, LOSSES[cfg.loss], probe):
-                    raise
+                with torch.no_grad():
+                    if torch.isfinite(loss_fn(model(probe[0]), probe[1])):
+                        raise
                 log.log(step, diverged=1.0)
                 break
             if progress is not None:
@@ -348,12 +425,8 @@ def train_one(cfg: SweepConfig, par: str, width: int, depth: int, lr: float, see
         monitor.on_train_end()
 
 
-def _finite_loss(model: torch.nn.Module, loss_fn: Any, probe: tuple[Tensor, Tensor]) -> bool:
-    with torch.no_grad():
-        return bool(torch.isfinite(loss_fn(model(probe[0]), probe[1])))
-
-
 def finished(path: Path, steps: int) -> bool:
+    """Whether ``path`` is a readable run whose loss reached ``steps`` (or that diverged)."""
     try:
         run = load_run(path)
     except (OSError, ValueError):
@@ -379,10 +452,10 @@ def _stored_lrs(out: Path, cfg: SweepConfig) -> dict[tuple[str, int], list[float
 
 
 def prepare(cfg: SweepConfig, out: Path, *, resume: bool = False,
-            overwrite: bool = False) -> list[Job]:
+            overwrite: bool = False) -> list[RunSpec]:
     """Check ``out``, resolve the LRs (``lrs="auto"``: once per parametrization and depth, or
     those of ``out/sweep.json`` when resuming the same sweep), write ``out/sweep.json`` and return
-    every run of the sweep in order."""
+    every run of the sweep, ordered by parametrization, depth, LR, width and seed."""
     cfg.validate()
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not (resume or overwrite):
@@ -400,45 +473,116 @@ def prepare(cfg: SweepConfig, out: Path, *, resume: bool = False,
     (out / "sweep.json").write_text(json.dumps(
         {**dataclasses.asdict(cfg), "resolved_lrs": {f"{p}/d{d}": v for (p, d), v in lrs.items()}},
         indent=2) + "\n")
-    return [(par, w, d, lr, s) for par in cfg.parametrizations for d in cfg.depths
+    return [RunSpec(par, w, d, lr, s) for par in cfg.parametrizations for d in cfg.depths
             for lr in lrs[par, d] for w in cfg.widths for s in cfg.seeds]
 
 
-def run_path(out: Path, job: Job) -> Path:
-    return Path(out) / "runs" / run_name(*job)
+def run_path(out: Path, spec: RunSpec) -> Path:
+    """``out/runs/<spec.name>``."""
+    return Path(out) / "runs" / spec.name
+
+
+class RunsFailed(RuntimeError):
+    """Some runs of a parallel sweep failed; ``failed`` holds ``(run name, error)`` pairs."""
+
+    def __init__(self, message: str, failed: list[tuple[str, str]]) -> None:
+        super().__init__(message)
+        self.failed = failed
+
+
+_WORKER: dict[str, Any] = {"slot": 0}
+_DATA: dict[tuple[Any, ...], tuple[Tensor, Tensor]] = {}
+
+
+def _init_worker(num_jobs: int, counter: Any) -> None:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // num_jobs))
+    with counter.get_lock():
+        _WORKER["slot"] = counter.value
+        counter.value += 1
+
+
+def _train(cfg: SweepConfig, spec: RunSpec, path: str) -> str | None:
+    """Train one run in a worker; return ``None``, or the error as text (always picklable)."""
+    try:
+        if cfg.device == "cuda" and torch.cuda.is_available():
+            gpu = _WORKER["slot"] % torch.cuda.device_count()
+            cfg = dataclasses.replace(cfg, device=f"cuda:{gpu}")
+        key = (cfg.dataset, cfg.n, cfg.device, cfg.dtype)
+        if key not in _DATA:
+            _DATA.clear()
+            _DATA[key] = load_data(cfg)
+        train_one(cfg, spec, Path(path), _DATA[key])
+    except Exception as err:  # reported by the parent with the run's name
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def run_parallel(cfg: SweepConfig, specs: list[RunSpec], out: Path, num_jobs: int, *,
+                 progress: bool = True) -> None:
+    """Train ``specs`` (from :func:`prepare`) in ``num_jobs`` worker processes.
+
+    The workers start with "spawn" (so CUDA works in them) and use ``torch.set_num_threads(max(1,
+    os.cpu_count() // num_jobs))``. With ``device="cuda"``, worker ``i`` trains on GPU ``i %
+    torch.cuda.device_count()``. A run that fails is reported with its name and error once the
+    other runs have finished (:class:`RunsFailed`).
+    """
+    if not specs:
+        return
+    ctx = multiprocessing.get_context("spawn")
+    bar = tqdm(total=len(specs), unit="run", desc=f"sweep, {num_jobs} at once",
+               disable=not progress)
+    failed: list[tuple[str, str]] = []
+    pool = ProcessPoolExecutor(max_workers=min(num_jobs, len(specs)), mp_context=ctx,
+                               initializer=_init_worker, initargs=(num_jobs, ctx.Value("i", 0)))
+    try:
+        futures = {pool.submit(_train, cfg, s, str(run_path(out, s))): s.name for s in specs}
+        for future in as_completed(futures):
+            try:
+                error = future.result()
+            except Exception as err:  # the worker process died (killed, out of memory)
+                error = f"{type(err).__name__}: {err}"
+            if error is not None:
+                failed.append((futures[future], error))
+                if progress:
+                    bar.write(f"sweep: run {futures[future]} failed: {error}")
+            bar.update(1)
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    finally:
+        bar.close()
+    pool.shutdown()
+    if failed:
+        lines = "".join(f"\n  {name}: {error}" for name, error in sorted(failed))
+        raise RunsFailed(f"sweep: {len(failed)} of {len(specs)} runs failed (the other "
+                         f"{len(specs) - len(failed)} finished):{lines}\nFix the cause, then run "
+                         "the same command with --resume to train only the unfinished runs.",
+                         failed)
 
 
 def run_sweep(cfg: SweepConfig, out: Path, *, resume: bool = False, overwrite: bool = False,
               progress: bool = True, jobs: int = 1) -> list[Path]:
     """Train every configuration; write ``out/runs/*.h5`` and ``out/sweep.json``.
 
-    ``jobs``: how many runs train at once, each in its own process (see ``curvlab.fanout``);
-    1 (the default) trains them one after another in this process. Returns every run's path.
+    ``jobs``: how many runs train at once, each in its own process (:func:`run_parallel`); 1
+    (the default) trains them one after another in this process. With ``resume``, finished runs
+    are skipped. Returns every run's path.
     """
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"sweep: jobs (how many runs train at once) must be a positive integer, "
                          f"got {jobs!r}; use 1 to train the runs one after another")
-    todo = prepare(cfg, out, resume=resume, overwrite=overwrite)
-    paths = [run_path(out, job) for job in todo]
-    if resume and not overwrite:
-        todo = [job for job, path in zip(todo, paths, strict=True)
-                if not finished(path, cfg.steps)]
+    specs = prepare(cfg, out, resume=resume, overwrite=overwrite)
+    paths = [run_path(out, spec) for spec in specs]
+    todo = [spec for spec, path in zip(specs, paths, strict=True)
+            if not (resume and not overwrite and finished(path, cfg.steps))]
     if jobs > 1:
-        from curvlab.fanout import run_parallel
-
         run_parallel(cfg, todo, Path(out), jobs, progress=progress)
         return paths
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(paths) * cfg.steps, unit="step", desc="sweep")
-        bar.update((len(paths) - len(todo)) * cfg.steps)
-    x, y = load_data(cfg) if todo else (torch.empty(0), torch.empty(0))
-    for par, w, d, lr, s in todo:
-        if bar is not None:
-            bar.set_postfix_str(f"{par} width {w} lr {lr:.3g}")
-        train_one(cfg, par, w, d, lr, s, (x, y), run_path(out, (par, w, d, lr, s)), bar)
-    if bar is not None:
-        bar.close()
+    bar = tqdm(total=len(paths) * cfg.steps, initial=(len(paths) - len(todo)) * cfg.steps,
+               unit="step", desc="sweep", disable=not progress)
+    data = load_data(cfg) if todo else None
+    for spec in todo:
+        bar.set_postfix_str(f"{spec.parametrization} width {spec.width} lr {spec.lr:.3g}")
+        train_one(cfg, spec, run_path(out, spec), data, bar)
+    bar.close()
     return paths

@@ -5,6 +5,8 @@ backward (``torch.autograd.functional``, one backward per row). They deliberatel
 ``torch.func.hessian`` and ``jacrev``: in torch 2.13 the forward-mode derivative of a vmapped vjp
 through ``layer_norm`` is wrong, which makes both of them wrong on models with LayerNorm.
 
+``mse`` (the loss of the zoo's regression cases) is :func:`curvlab.losses.mse`, re-exported here.
+
 Example:
     >>> import curvlab as cl
     >>> case = cl.testing.make_case("mlp_tanh")

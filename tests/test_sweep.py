@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -98,6 +100,22 @@ def test_a_run_whose_parameters_blow_up_is_marked_diverged_and_the_sweep_goes_on
     for r in runs:
         assert r["diverged"].step.tolist() == [1]
         assert r["sharpness_lr"].step.tolist() == [0]  # measured at init only
+
+
+def test_a_run_spec_names_its_run_file_and_train_one_trains_it(tmp_path):
+    """The file names of the runs (resume and the plans find runs by them) are unchanged by
+    RunSpec: ``<par>_w<width>_d<depth>_lr<lr:.4g>_s<seed>.h5``, ``interp:S`` as ``interp-S``."""
+    spec = sweep.RunSpec("interp:0.5", 16, 2, 0.028712345, 1)
+    assert spec.name == "interp-0.5_w16_d2_lr0.02871_s1.h5"
+    assert sweep.run_path(tmp_path, spec) == tmp_path / "runs" / spec.name
+    cfg = SweepConfig(model="resnet", widths=(16,), depths=(2,), seeds=(1,), steps=3, every=3,
+                      n=32, probe_size=16)
+    path = tmp_path / spec.name
+    sweep.train_one(cfg, spec, path)  # loads the data itself
+    run = cl.load_run(path)
+    assert (run.config["parametrization"], run.config["width"], run.config["depth"],
+            run.config["lr"], run.config["seed"]) == dataclasses.astuple(spec)
+    assert run["loss"].step.tolist() == [0, 1, 2, 3] and sweep.finished(path, 3)
 
 
 def test_npz_dataset(tmp_path):
