@@ -39,7 +39,8 @@ from typing import Any
 
 import torch
 
-from curvlab.sweep import RunsFailed, SweepConfig, config_from_dict
+from curvlab.pool import RunsFailed
+from curvlab.sweep import SweepConfig, config_from_dict
 
 CLI_DEFAULTS = {"device": "cuda when available, else cpu"}  # where the CLI differs from the field
 BENCHMARKS = {"hvp": "compare_hvp.py", "eigs": "compare_eigs.py"}

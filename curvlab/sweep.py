@@ -3,8 +3,9 @@
 A sweep is a :class:`SweepConfig` (the command line's flags are its fields, see ``curvlab.cli``);
 each of its runs is a :class:`RunSpec` (parametrization, width, depth, LR, seed), trained by
 :func:`train_one` into ``out/runs/<spec.name>``. The models, data sets and parametrizations it
-names are the registries :data:`MODELS`, :data:`DATASETS` and :data:`PARAMETRIZATIONS` (name ->
-builder; one entry adds one), the losses :data:`curvlab.losses.LOSSES`.
+names are the registries of :mod:`curvlab.registries` (``MODELS``, ``DATASETS``,
+``PARAMETRIZATIONS``: name -> builder; one entry adds one), the losses
+:data:`curvlab.losses.LOSSES`.
 
 Models: ``mlp``, ``resnet``, ``convnet`` (inputs viewed as square one-channel images, e.g. the
 8x8 digits or the 4x4 teacher inputs) and ``transformer`` (inputs split into 4 tokens).
@@ -34,10 +35,10 @@ with arrays ``x (n, d)`` and ``y (n, k)`` (or integer labels ``(n,)``). The loss
 the default, or ``"float64"``) is used for the model and the data.
 
 Running a sweep: ``run_sweep(cfg, out)`` trains the runs one after another; ``jobs=N`` trains N at
-once in separate processes (:func:`run_parallel`), and ``curvlab.fanout.plan_sweep`` writes one
-JSON config per run for a cluster instead (``curvlab run CONFIG`` trains one). Every path gives
-the same run files: the auto LRs are computed once, before any training, and each run is seeded
-by its own seed alone.
+once in separate processes (:func:`curvlab.pool.run_parallel`), and ``curvlab.fanout.plan_sweep``
+writes one JSON config per run for a cluster instead (``curvlab run CONFIG`` trains one). Every
+path gives the same run files: the auto LRs are computed once, before any training, and each run
+is seeded by its own seed alone.
 """
 
 from __future__ import annotations
@@ -45,125 +46,35 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import math
-import multiprocessing
-import os
-from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from curvlab import models
+from curvlab import pool
 from curvlab.callbacks import FeatureSpeed, Loss, Monitor, NTKSpectrum, Sharpness
 from curvlab.hdf5 import RunLogger
 from curvlab.losses import LOSSES
 from curvlab.models import Parametrization
 from curvlab.preconditioning import adam_scales, lr_scales
+from curvlab.registries import (
+    DATASETS,
+    DTYPES,
+    MODELS,
+    OPTIMIZERS,
+    PARAMETRIZATIONS,
+    interp_strength,
+    lookup,
+    make_dataset,
+    parametrization,
+)
 from curvlab.runs import load_run
 from curvlab.sharpness import sharpness
 
-TOKENS = 4  # a transformer's inputs (n, d) are TOKENS tokens (n, TOKENS, d / TOKENS)
-
-
-class _Shaped(torch.nn.Module):
-    """Feeds flat inputs ``(n, d)`` to an inner model as ``(n, *shape)``; keeps its ``width``,
-    ``depth`` and ``parametrization``."""
-
-    def __init__(self, inner: torch.nn.Module, shape: tuple[int, ...]) -> None:
-        super().__init__()
-        self.inner, self.shape = inner, shape
-        self.width, self.depth = inner.width, inner.depth
-        self.parametrization = inner.parametrization
-
-    def forward(self, x: Tensor) -> Tensor:  # x (n, d)
-        return self.inner(x.reshape(len(x), *self.shape))  # (n, d_out)
-
-
-def _convnet(width: int, depth: int, p: Parametrization, d_in: int, d_out: int) -> _Shaped:
-    side = math.isqrt(d_in)
-    if side * side != d_in:
-        raise ValueError(f"build_model: model 'convnet' needs square images; inputs have {d_in} "
-                         "features")
-    return _Shaped(models.ConvNet(width, depth, p, in_channels=1, d_out=d_out), (1, side, side))
-
-
-def _transformer(width: int, depth: int, p: Parametrization, d_in: int, d_out: int) -> _Shaped:
-    if d_in % TOKENS:
-        raise ValueError(f"build_model: model 'transformer' splits inputs into {TOKENS} tokens; "
-                         f"{d_in} features do not divide")
-    return _Shaped(models.Transformer(width, depth, p, d_in=d_in // TOKENS, d_out=d_out),
-                   (TOKENS, d_in // TOKENS))
-
-
-ModelBuilder = Callable[[int, int, Parametrization, int, int], torch.nn.Module]
-MODELS: dict[str, ModelBuilder] = {
-    "mlp": lambda width, depth, p, d_in, d_out: models.MLP(width, depth, p, d_in=d_in,
-                                                           d_out=d_out),
-    "resnet": lambda width, depth, p, d_in, d_out: models.ResNet(width, depth, p, d_in=d_in,
-                                                                 d_out=d_out),
-    "convnet": _convnet,
-    "transformer": _transformer,
-}
-"""``name -> builder(width, depth, parametrization, d_in, d_out)`` of a module mapping flat
-inputs ``(n, d_in)`` to ``(n, d_out)`` with attributes ``width``, ``depth``, ``parametrization``."""
-
-
-def _teacher(n: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
-    x = torch.randn(n, 16, generator=g)  # (n, 16)
-    w1 = torch.randn(16, 32, generator=g) / 4  # (16, 32)
-    w2 = torch.randn(32, 4, generator=g) / math.sqrt(32)  # (32, 4)
-    return x, torch.tanh(x @ w1) @ w2 * 2  # (n, 4)
-
-
-def _mixture(n: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
-    centers = torch.randn(4, 16, generator=g) * 1.5  # (4 classes, 16)
-    labels = torch.randint(0, 4, (n,), generator=g)
-    x = centers[labels] + torch.randn(n, 16, generator=g)  # (n, 16)
-    return x, torch.nn.functional.one_hot(labels, 4).float()
-
-
-def _digits(n: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError:
-        raise ValueError("make_dataset: dataset 'digits' needs scikit-learn (pip install "
-                         "scikit-learn); or use 'teacher', 'mixture' or an .npz") from None
-    data = load_digits()
-    idx = torch.randperm(len(data.target), generator=g)[:n]
-    x = torch.tensor(data.data, dtype=torch.float32)[idx] / 16.0  # (n, 64)
-    return x, torch.nn.functional.one_hot(torch.tensor(data.target)[idx], 10).float()
-
-
-DatasetBuilder = Callable[[int, torch.Generator], tuple[Tensor, Tensor]]
-DATASETS: dict[str, DatasetBuilder] = {"teacher": _teacher, "mixture": _mixture,
-                                       "digits": _digits}
-"""``name -> builder(n, generator)`` of float32 ``(x (n, d), y (n, k))``; besides these, a
-sweep's dataset may be a path to an ``.npz`` file."""
-
-PARAMETRIZATIONS: dict[str, Callable[[int, float, int], Parametrization]] = {
-    "mup": lambda base_width, sigma, base_depth: models.MuP(base_width, sigma),
-    "ntp": lambda base_width, sigma, base_depth: models.NTP(sigma=sigma),
-    "sp": lambda base_width, sigma, base_depth: models.SP(sigma=sigma),
-    "depth-mup": lambda base_width, sigma, base_depth: models.DepthMuP(base_width, sigma,
-                                                                       base_depth=base_depth),
-}
-"""``name -> builder(base_width, sigma, base_depth)``; besides these, ``"interp:S"`` names
-``cl.interpolated(S)`` for ``S`` in ``[0, 1]``."""
-
-OPTIMIZERS = ("sgd", "adam")
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 LR_FRACTION = 0.5
-
-
-def _lookup(registry: Mapping[str, Any], kind: str, name: str, call: str, more: str = "") -> Any:
-    if name not in registry:
-        raise ValueError(f"{call}: unknown {kind} {name!r}; choose from {tuple(registry)}{more}")
-    return registry[name]
 
 
 def _opt(default: Any, help: str, choices: Iterable[str] | None = None, also: str = "",
@@ -217,9 +128,9 @@ class SweepConfig:
     def validate(self) -> None:
         """Raise a ValueError naming the first field out of its range, and its choices."""
         call = "sweep"
-        _lookup(MODELS, "model", self.model, call)
+        lookup(MODELS, "model", self.model, call)
         unknown = [p for p in self.parametrizations
-                   if p not in PARAMETRIZATIONS and _interp_s(p) is None]
+                   if p not in PARAMETRIZATIONS and interp_strength(p) is None]
         if unknown or not self.parametrizations:
             raise ValueError(f"{call}: unknown parametrizations {unknown}; choose from "
                              f"{(*PARAMETRIZATIONS, 'interp:S')}, e.g. 'interp:0.5' for "
@@ -231,7 +142,7 @@ class SweepConfig:
             raise ValueError(f"{call}: base width {self.base_width} is larger than the smallest "
                              f"width {min(self.widths)}")
         if not str(self.dataset).endswith(".npz"):
-            _lookup(DATASETS, "dataset", self.dataset, call, " or give a path to an .npz file")
+            lookup(DATASETS, "dataset", self.dataset, call, " or give a path to an .npz file")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"{call}: optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
         if self.lrs != "auto" and (isinstance(self.lrs, str) or
@@ -279,49 +190,6 @@ class RunSpec:
                 f"_lr{self.lr:.4g}_s{self.seed}.h5")
 
 
-def make_dataset(name: str, n: int, seed: int = 0) -> tuple[Tensor, Tensor]:
-    """``(x (n, d), y (n, k))`` float32: :data:`DATASETS` ``[name]`` or an ``.npz`` file."""
-    if not name.endswith(".npz"):
-        builder = _lookup(DATASETS, "dataset", name, "make_dataset",
-                          " or give a path to an .npz file")
-        return builder(n, torch.Generator().manual_seed(seed))
-    path = Path(name)
-    if not path.exists():
-        raise ValueError(f"make_dataset: dataset file {path} does not exist")
-    with np.load(path, allow_pickle=False) as f:
-        if "x" not in f or "y" not in f:
-            raise ValueError(f"make_dataset: {path} must hold arrays 'x' and 'y'")
-        x, y = torch.tensor(f["x"], dtype=torch.float32), torch.tensor(f["y"])
-    if y.ndim == 1:
-        y = torch.nn.functional.one_hot(y.long()).float()
-    return x.reshape(len(x), -1)[:n], y.float()[:n]
-
-
-def _interp_s(name: str) -> float | None:
-    """``S`` of ``"interp:S"`` when it is a number in ``[0, 1]``, else ``None``."""
-    head, _, tail = name.partition(":")
-    if head != "interp":
-        return None
-    try:
-        s = float(tail)
-    except ValueError:
-        return None
-    return s if 0.0 <= s <= 1.0 else None
-
-
-def parametrization(name: str, base_width: int, sigma: float, base_depth: int = 1
-                    ) -> Parametrization:
-    """The parametrization a sweep names: :data:`PARAMETRIZATIONS` ``[name]`` (``"depth-mup"``
-    relative to ``base_depth``, the sweep's smallest depth) or ``"interp:S"``
-    (``cl.interpolated(S)``, NTP at 0 and muP at 1)."""
-    s = _interp_s(name)
-    if s is not None:
-        return models.interpolated(s, base_width, sigma)
-    builder = _lookup(PARAMETRIZATIONS, "parametrization", name, "parametrization",
-                      " or 'interp:S' with S in [0, 1]")
-    return builder(base_width, sigma, base_depth)
-
-
 def _param(cfg: SweepConfig, par: str) -> Parametrization:
     return parametrization(par, cfg.base, cfg.sigma, min(cfg.depths))
 
@@ -330,7 +198,7 @@ def build_model(cfg: SweepConfig, par: str, width: int, depth: int, d_in: int, d
                 seed: int) -> torch.nn.Module:
     """:data:`MODELS` ``[cfg.model]`` under ``par``, initialized after ``torch.manual_seed(seed)``,
     on ``cfg.device`` in ``cfg.dtype``."""
-    builder = _lookup(MODELS, "model", cfg.model, "build_model")
+    builder = lookup(MODELS, "model", cfg.model, "build_model")
     torch.manual_seed(seed)
     model = builder(width, depth, _param(cfg, par), d_in, d_out)
     return model.to(device=cfg.device, dtype=cfg.torch_dtype)
@@ -482,30 +350,12 @@ def run_path(out: Path, spec: RunSpec) -> Path:
     return Path(out) / "runs" / spec.name
 
 
-class RunsFailed(RuntimeError):
-    """Some runs of a parallel sweep failed; ``failed`` holds ``(run name, error)`` pairs."""
-
-    def __init__(self, message: str, failed: list[tuple[str, str]]) -> None:
-        super().__init__(message)
-        self.failed = failed
-
-
-_WORKER: dict[str, Any] = {"slot": 0}
-_DATA: dict[tuple[Any, ...], tuple[Tensor, Tensor]] = {}
-
-
-def _init_worker(num_jobs: int, counter: Any) -> None:
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // num_jobs))
-    with counter.get_lock():
-        _WORKER["slot"] = counter.value
-        counter.value += 1
-
-
 def _train(cfg: SweepConfig, spec: RunSpec, path: str) -> str | None:
-    """Train one run in a worker; return ``None``, or the error as text (always picklable)."""
+    """Train one run in a worker of :func:`curvlab.pool.run_parallel` (worker ``i`` on GPU ``i``
+    modulo the GPU count with ``device="cuda"``); return ``None``, or the error as text."""
     try:
         if cfg.device == "cuda" and torch.cuda.is_available():
-            gpu = _WORKER["slot"] % torch.cuda.device_count()
+            gpu = pool.worker_slot() % torch.cuda.device_count()
             cfg = dataclasses.replace(cfg, device=f"cuda:{gpu}")
         key = (cfg.dataset, cfg.n, cfg.device, cfg.dtype)
         if key not in _DATA:
@@ -517,54 +367,15 @@ def _train(cfg: SweepConfig, spec: RunSpec, path: str) -> str | None:
     return None
 
 
-def run_parallel(cfg: SweepConfig, specs: list[RunSpec], out: Path, num_jobs: int, *,
-                 progress: bool = True) -> None:
-    """Train ``specs`` (from :func:`prepare`) in ``num_jobs`` worker processes.
-
-    The workers start with "spawn" (so CUDA works in them) and use ``torch.set_num_threads(max(1,
-    os.cpu_count() // num_jobs))``. With ``device="cuda"``, worker ``i`` trains on GPU ``i %
-    torch.cuda.device_count()``. A run that fails is reported with its name and error once the
-    other runs have finished (:class:`RunsFailed`).
-    """
-    if not specs:
-        return
-    ctx = multiprocessing.get_context("spawn")
-    bar = tqdm(total=len(specs), unit="run", desc=f"sweep, {num_jobs} at once",
-               disable=not progress)
-    failed: list[tuple[str, str]] = []
-    pool = ProcessPoolExecutor(max_workers=min(num_jobs, len(specs)), mp_context=ctx,
-                               initializer=_init_worker, initargs=(num_jobs, ctx.Value("i", 0)))
-    try:
-        futures = {pool.submit(_train, cfg, s, str(run_path(out, s))): s.name for s in specs}
-        for future in as_completed(futures):
-            try:
-                error = future.result()
-            except Exception as err:  # the worker process died (killed, out of memory)
-                error = f"{type(err).__name__}: {err}"
-            if error is not None:
-                failed.append((futures[future], error))
-                if progress:
-                    bar.write(f"sweep: run {futures[future]} failed: {error}")
-            bar.update(1)
-    except BaseException:
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
-    finally:
-        bar.close()
-    pool.shutdown()
-    if failed:
-        lines = "".join(f"\n  {name}: {error}" for name, error in sorted(failed))
-        raise RunsFailed(f"sweep: {len(failed)} of {len(specs)} runs failed (the other "
-                         f"{len(specs) - len(failed)} finished):{lines}\nFix the cause, then run "
-                         "the same command with --resume to train only the unfinished runs.",
-                         failed)
+_DATA: dict[tuple[Any, ...], tuple[Tensor, Tensor]] = {}  # a worker's data set, loaded once
 
 
 def run_sweep(cfg: SweepConfig, out: Path, *, resume: bool = False, overwrite: bool = False,
               progress: bool = True, jobs: int = 1) -> list[Path]:
     """Train every configuration; write ``out/runs/*.h5`` and ``out/sweep.json``.
 
-    ``jobs``: how many runs train at once, each in its own process (:func:`run_parallel`); 1
+    ``jobs``: how many runs train at once, each in its own process
+    (:func:`curvlab.pool.run_parallel`, which raises :class:`curvlab.pool.RunsFailed`); 1
     (the default) trains them one after another in this process. With ``resume``, finished runs
     are skipped. Returns every run's path.
     """
@@ -576,7 +387,8 @@ def run_sweep(cfg: SweepConfig, out: Path, *, resume: bool = False, overwrite: b
     todo = [spec for spec, path in zip(specs, paths, strict=True)
             if not (resume and not overwrite and finished(path, cfg.steps))]
     if jobs > 1:
-        run_parallel(cfg, todo, Path(out), jobs, progress=progress)
+        pool.run_parallel(_train, {s.name: (cfg, s, str(run_path(out, s))) for s in todo}, jobs,
+                          progress=progress, what="sweep")
         return paths
     bar = tqdm(total=len(paths) * cfg.steps, initial=(len(paths) - len(todo)) * cfg.steps,
                unit="step", desc="sweep", disable=not progress)
