@@ -11,7 +11,7 @@ from functools import cache
 import torch
 from torch import Tensor
 
-from curvlab.testing import CASES, Case, dense_ggn, dense_hessian, make_case
+from curvlab.testing import CASES, MLP, Case, dense_ggn, dense_hessian, make_case
 
 ZOO = CASES  # every case, each in eval mode and float64
 SINGLE_BATCH = tuple(c for c in ZOO if c != "multibatch")
@@ -48,3 +48,13 @@ def assert_rel_close(actual: Tensor, expected: Tensor, tol: float | None = None)
 def vectors(P: int, m: int, seed: int = 0, dtype: torch.dtype = torch.float64) -> Tensor:
     """A fixed random block ``(P, m)``."""
     return torch.randn(P, m, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def mlp_problem(seed: int = 0) -> tuple[torch.nn.Module, tuple[Tensor, Tensor]]:
+    """A float64 MLP (4 -> 8 -> 2) and one batch of 32 examples, for training-loop tests."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    model = MLP(4, 8, 2).double()
+    x = torch.randn(32, 4, generator=g, dtype=torch.float64)
+    y = torch.randn(32, 2, generator=g, dtype=torch.float64)
+    return model, (x, y)

@@ -12,22 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cases import mlp_problem
 
 import curvlab as cl
 from curvlab import products
 from curvlab.callbacks import Context, Measurement, Record
-from curvlab.testing import MLP, dense_ggn, dense_hessian, dense_jacobian, make_case, mse
+from curvlab.testing import dense_ggn, dense_hessian, dense_jacobian, make_case, mse
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "extending.md"
-
-
-def _problem(seed: int = 0):
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
-    model = MLP(4, 8, 2).double()
-    x = torch.randn(32, 4, generator=g, dtype=torch.float64)
-    y = torch.randn(32, 2, generator=g, dtype=torch.float64)
-    return model, (x, y)
 
 
 def _train(model, data, logger, measurements, steps=6, lr=0.05):
@@ -90,7 +82,7 @@ def test_monitor_takes_any_metric_logger(tmp_path):
     """A logger with only the protocol's methods gets what a RunLogger gets."""
     measurements = lambda: [cl.Loss(every=1), cl.Sharpness(every=2, tol=1e-8),  # noqa: E731
                             cl.Sharpness(k=2, every=3, tol=1e-8, name="top2")]
-    model, data = _problem()
+    model, data = mlp_problem()
     memory = MemoryLogger()
     _train(copy.deepcopy(model), data, memory, measurements())
     with cl.RunLogger(tmp_path / "r.h5", {}) as log:
@@ -106,7 +98,7 @@ def test_monitor_takes_any_metric_logger(tmp_path):
 
 
 def test_monitor_names_the_missing_methods():
-    model, data = _problem()
+    model, data = mlp_problem()
 
     class HalfLogger:
         def log(self, step, **scalars):
@@ -133,7 +125,7 @@ def test_tensorboard_logger_matches_run_logger(tmp_path):
     pytest.importorskip("tensorboard")
     measurements = lambda: [cl.Loss(every=1), cl.Sharpness(every=2, tol=1e-8),  # noqa: E731
                             cl.Sharpness(k=2, every=3, tol=1e-8, name="top2")]
-    model, data = _problem()
+    model, data = mlp_problem()
     with cl.TensorBoardLogger(tmp_path / "tb") as tb:
         assert isinstance(tb, cl.MetricLogger)
         _train(copy.deepcopy(model), data, tb, measurements())
@@ -208,7 +200,7 @@ class GradNorm(Measurement):
 
 
 def test_custom_measurement_logs_the_training_gradient(tmp_path):
-    model, data = _problem()
+    model, data = mlp_problem()
     plain = copy.deepcopy(model)
     with cl.RunLogger(tmp_path / "g.h5", {}) as log:
         grads = _train(model, data, log, [GradNorm(every=2), cl.Loss(every=2)])
@@ -303,7 +295,7 @@ def _top(A):
 
 
 def test_ggn_sharpness_matches_dense_ggn(tmp_path):
-    model, data = _problem()
+    model, data = mlp_problem()
     opt = torch.optim.SGD([{"params": model[0].parameters(), "lr": 0.1},
                            {"params": [*model[2].parameters(), *model[4].parameters()]}], lr=0.05)
     measurements = [cl.Sharpness(every=3, matrix="ggn", tol=1e-10),

@@ -84,15 +84,20 @@ def _is_package(package: Path, module: str) -> bool:
     return (package / module.replace(".", "/") / "__init__.py").exists()
 
 
+def _tree(package: Path, module: str) -> ast.Module:
+    """The parsed source of ``module`` (its ``__init__.py`` for a subpackage)."""
+    rel = module.replace(".", "/")
+    path = package / rel / "__init__.py" if _is_package(package, module) else package / f"{rel}.py"
+    return ast.parse(path.read_text(), str(path))
+
+
 def imports(package: Path) -> list[Import]:
     """Every import of a package module inside ``package`` (by its directory name)."""
     pkg = package.name
     known = set(module_names(package))
     found = []
     for module in module_names(package):
-        path = package / (module.replace(".", "/") + ("/__init__.py" if _is_package(
-            package, module) else ".py"))
-        tree = ast.parse(path.read_text(), str(path))
+        tree = _tree(package, module)
         top = {id(node) for node in tree.body}
         for node in ast.walk(tree):
             level = id(node) in top
@@ -126,9 +131,7 @@ def private_attributes(package: Path) -> list[tuple[str, str, str, int]]:
     known = set(module_names(package))
     found = []
     for module in module_names(package):
-        path = package / (module.replace(".", "/") + ("/__init__.py" if _is_package(
-            package, module) else ".py"))
-        tree = ast.parse(path.read_text(), str(path))
+        tree = _tree(package, module)
         aliases: dict[str, str] = {}
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(pkg):
@@ -212,9 +215,7 @@ def optional_imports(package: Path) -> list[str]:
     for module in module_names(package):
         if module in ADAPTERS:
             continue
-        path = package / (module.replace(".", "/") + ("/__init__.py" if _is_package(
-            package, module) else ".py"))
-        for node in ast.parse(path.read_text()).body:
+        for node in _tree(package, module).body:
             names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
                      [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             for name in names:

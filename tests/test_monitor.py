@@ -7,21 +7,13 @@ import copy
 import numpy as np
 import pytest
 import torch
+from cases import mlp_problem
 
 import curvlab as cl
 from curvlab.callbacks import Schedule, eos_threshold, resolve_blocks
-from curvlab.testing import MLP, dense_hessian, mse
+from curvlab.testing import dense_hessian, mse
 
 LR = 0.05
-
-
-def _problem(seed: int = 0):
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
-    model = MLP(4, 8, 2).double()
-    x = torch.randn(32, 4, generator=g, dtype=torch.float64)
-    y = torch.randn(32, 2, generator=g, dtype=torch.float64)
-    return model, (x, y)
 
 
 def _train(model, data, steps, monitor=None, optimizer=None, snapshots=None):
@@ -44,9 +36,9 @@ def _train(model, data, steps, monitor=None, optimizer=None, snapshots=None):
 
 def test_monitor_does_not_perturb_training_and_matches_sharpness(tmp_path):
     steps = 25
-    plain, data = _problem()
+    plain, data = mlp_problem()
     _train(plain, data, steps)
-    model, _ = _problem()
+    model, _ = mlp_problem()
     snapshots = {10: None, 20: None}
     with cl.RunLogger(tmp_path / "run.h5", {"lr": LR}) as log:
         measurements = [cl.Loss(every=5), cl.Sharpness(every=10, tol=1e-10),
@@ -81,7 +73,7 @@ def _dense_blocks(model, data):
 
 
 def test_block_curvature_matches_dense_diagonal_blocks(tmp_path):
-    model, data = _problem(1)
+    model, data = mlp_problem(1)
     H, edges = _dense_blocks(model, data)
     blocks = {"layer0": ["0.*"], "hidden_w": "2.weight", "head": ["4.weight", "4.bias"]}
     ranges = {"layer0": (edges[0], edges[2]), "hidden_w": (edges[2], edges[3]),
@@ -109,7 +101,7 @@ def test_block_curvature_matches_dense_diagonal_blocks(tmp_path):
 
 
 def test_adam_preconditioned_sharpness_and_thresholds(tmp_path):
-    model, data = _problem(2)
+    model, data = mlp_problem(2)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2, betas=(0.9, 0.999))
     with cl.RunLogger(tmp_path / "a.h5", {}) as log:
         mon = cl.Monitor(model, mse, data, log,
@@ -146,7 +138,7 @@ def test_schedules():
 
 
 def test_budget_stretches_the_schedule(tmp_path):
-    model, data = _problem()
+    model, data = mlp_problem()
     with cl.RunLogger(tmp_path / "b.h5", {}) as log:
         mon = cl.Monitor(model, mse, data, log, [cl.Sharpness(every=1)], budget=1e-6)
         _train(model, data, 5, monitor=mon)
@@ -156,7 +148,7 @@ def test_budget_stretches_the_schedule(tmp_path):
 
 
 def test_monitor_errors(tmp_path):
-    model, data = _problem()
+    model, data = mlp_problem()
     with cl.RunLogger(tmp_path / "e.h5", {}) as log:
         with pytest.raises(TypeError, match=r"logger must be a curvlab\.MetricLogger .*got str, "
                            r"which lacks \['declare', 'flush', 'log', 'log_array'\]"):
@@ -198,7 +190,7 @@ def _state(model, opt):
 def test_measurements_leave_train_mode_batchnorm_dropout_models_untouched(tmp_path):
     torch.manual_seed(0)
     model = _Noisy().double().train()
-    _, data = _problem()
+    _, data = mlp_problem()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(2):  # momentum state, running statistics and .grad all non-trivial
         opt.zero_grad()

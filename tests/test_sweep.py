@@ -149,6 +149,7 @@ def test_errors(tmp_path, capsys):
     assert "no file matches" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # 80 s: the full main job (32 runs); CI runs it in its slow step
 def test_default_job_shows_super_consistency(tmp_path, capsys):
     """The README's main job: muP's sharpness trajectories coincide across widths 64-512 and rise
     to 2/eta; NTP's sharpen less as width grows (Noci et al. 2024, arXiv:2402.17457)."""
@@ -167,6 +168,7 @@ def test_default_job_shows_super_consistency(tmp_path, capsys):
     assert (out / "overlay.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow  # 90 s: 36 runs up to width 1024; CI runs it in its slow step
 def test_lr_transfer_mup_keeps_its_optimum_sp_does_not(tmp_path, capsys):
     """The best GD learning rate (final loss after 100 steps) on a factor-2 grid: under muP it
     moves by at most one grid step from width 64 to 1024; under SP it moves further."""
