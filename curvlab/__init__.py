@@ -6,7 +6,17 @@ sources, and ``curvlab.batches`` the convention for batches and model outputs.
 
 import importlib.metadata
 
-from curvlab import batches, callbacks, distributed, func, layers, linalg, models, testing
+from curvlab import (
+    batches,
+    callbacks,
+    distributed,
+    func,
+    layers,
+    linalg,
+    losses,
+    models,
+    testing,
+)
 from curvlab.analysis import SuperConsistency, super_consistency, sweep_report
 from curvlab.batches import count_tokens
 from curvlab.callbacks import (
@@ -117,6 +127,7 @@ __all__ = [
     "linalg",
     "load_run",
     "load_runs",
+    "losses",
     "lr_scales",
     "maximal_update_lr",
     "models",
