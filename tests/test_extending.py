@@ -167,6 +167,11 @@ def test_tensorboard_logger_labels_and_errors(tmp_path, monkeypatch):
         with pytest.raises(ValueError, match=r"metric 'per_layer' was declared with 2 entries, "
                            r"got 3"):
             tb.log_array(5, "per_layer", [1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match=r"TensorBoardLogger\.log: the logger for .*tb is closed; "
+                       r"create a new TensorBoardLogger"):
+        tb.log(6, loss=0.5)
+    with pytest.raises(ValueError, match=r"TensorBoardLogger\.log_array: the logger .* is closed"):
+        tb.log_array(6, "per_layer", [1.0, 2.0])
     scalars = _scalars(tmp_path / "tb")
     assert scalars["per_layer/0.weight"] == ([3], [1.5])
     assert scalars["per_layer/2.weight"] == ([3], [2.5])

@@ -84,6 +84,12 @@ class TensorBoardLogger:
         self.writes = not rank_zero_only or is_writer()
         self.writer: Any = SummaryWriter(str(self.path), flush_secs=flush_secs) \
             if self.writes else None
+        self.closed = False
+
+    def _check_open(self, call: str) -> None:
+        if self.closed:  # a write after close would be lost without a word
+            raise ValueError(f"{call}: the logger for {self.path} is closed; create a new "
+                             "TensorBoardLogger to write more")
 
     def __contains__(self, name: object) -> bool:
         """Whether metric ``name`` was declared or logged."""
@@ -95,6 +101,7 @@ class TensorBoardLogger:
         """Create metric ``name``: a scalar (``size=None``), or ``size`` (or ``len(labels)``)
         scalars ``name/<label>``."""
         call = "TensorBoardLogger.declare"
+        self._check_open(call)
         if name in self.metrics:
             raise ValueError(f"{call}: metric {name!r} exists already")
         if size is None and labels is not None:
@@ -114,6 +121,7 @@ class TensorBoardLogger:
 
     def log(self, step: int, **scalars: float) -> None:
         """Add one step of scalar metrics (a name not declared yet is declared a scalar)."""
+        self._check_open("TensorBoardLogger.log")
         for name, value in scalars.items():
             if name not in self.metrics:
                 self.declare(name)
@@ -126,6 +134,7 @@ class TensorBoardLogger:
     def log_array(self, step: int, name: str, values: Any) -> None:
         """Add one step of the vector metric ``name``, ``values (k,)``: one scalar per entry."""
         call = "TensorBoardLogger.log_array"
+        self._check_open(call)
         values = np.asarray(values, dtype=np.float64)
         if values.ndim != 1:
             raise ValueError(f"{call}: {name!r} values must be 1-D (k,), got shape "
@@ -152,10 +161,11 @@ class TensorBoardLogger:
             self.writer.flush()
 
     def close(self) -> None:
-        """Flush and close the event file (a closed logger cannot be reopened)."""
+        """Flush and close the event file; later writes raise (a closed logger stays closed)."""
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+        self.closed = True
 
     def __enter__(self) -> TensorBoardLogger:
         return self
