@@ -141,11 +141,10 @@ class CurvatureOperator(OperatorBase):
     ``A = sum_b w_b A_b / sum_b w_b`` over the batches of ``data`` (weights as in
     :class:`~curvlab.operators.HessianOperator`, whose arguments it takes); a subclass's
     ``make_product(batch)`` returns ``V (P, m) -> A_b V`` for one :class:`BatchFunctions`, by a
-    factory of
-    :mod:`curvlab.products`. The rest (parameter selection and snapshot, modes and RNG, batch
-    weights, kept graphs, the ``"auto"`` route's fall-back, process groups, ``to_scipy``) is
-    this class's. Set what ``make_product`` reads before ``super().__init__()``, which builds a
-    single batch's product at once.
+    factory of :mod:`curvlab.products`. The rest (parameter selection and snapshot, modes and
+    RNG, batch weights, kept graphs, the ``"auto"`` route's fall-back, process groups,
+    ``to_scipy``) is this class's. Set what ``make_product`` reads before
+    ``super().__init__()``, which builds a single batch's product at once.
 
     Example (``H + lam I``, a damped Hessian):
         >>> import torch, curvlab as cl
