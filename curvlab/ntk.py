@@ -21,7 +21,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -135,7 +135,8 @@ def empirical_ntk_per_layer(
 
 
 def _gathered(model: nn.Module, x1: Any, x2: Any, group: Any, call: str,
-              local: Any, params: Iterable[str] | None) -> dict[str, Tensor]:
+              local: Callable[[nn.Module, Any, Any], dict[str, Tensor]],
+              params: Iterable[str] | None) -> dict[str, Tensor]:
     """``local(model, x1, x2)`` on one process, or its rows over every rank's examples."""
     model, ddp_group = distributed.unwrap(model)
     group = ddp_group if group is None else group
