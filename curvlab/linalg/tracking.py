@@ -8,11 +8,12 @@ reuses all of them, not only the top one:
 2. Rayleigh-Ritz: ``G = V^T W (m, m)``, ``G S = S diag(theta)``; for the wanted pairs the exact
    residuals ``R = W S - V S diag(theta)``, ``r_i = ||R[:, i]||``, for the others (which only
    enter the gap estimate) ``r_i^2 = s_i^T (W^T W) s_i - theta_i^2`` from the Gram matrices;
-3. stop when every wanted ``min(r_i, r_i^2 / gap_i)`` is at most ``tol * |theta_i|`` (the bound
-   of :func:`~curvlab.linalg.lanczos`, with ``gap_i`` estimated from the other Ritz values less
-   their residuals);
-4. else append the residual of the least accurate wanted pair, orthogonalized against ``V``
-   (twice), and its product, and go to 2.
+3. stop when every wanted bound is at most ``tol * |theta_i|``: the bound of
+   :func:`~curvlab.linalg.lanczos`, ``min(r_i, r_i^2 / gap_i)`` with ``gap_i`` estimated from
+   the other Ritz values less their residuals, or its block form for a cluster at the end of
+   the spectrum (:func:`~curvlab.linalg.lanczos.cluster_bounds`);
+4. else append the residual of the least accurate wanted pair, orthogonalized against ``V``,
+   and its product, and go to 2.
 
 From one start vector, step 4 builds the Krylov space, so this is Lanczos in exact arithmetic; from
 a block it is the thick-restart idea (Wu & Simon 2000, SIAM J. Matrix Anal. Appl. 22(2)) carried
@@ -22,16 +23,17 @@ gap estimate can be trusted (see :mod:`curvlab.linalg.lanczos`). The same limit 
 eigenvalue that no Ritz value has resolved can sit closer than the estimate says. ``r_i`` itself
 is always a rigorous bound, and ``bound="residual"`` stops on it alone.
 
-What it cannot do: certify a top eigenvalue inside a cluster narrower than the tolerance allows
-for ``r^2 / gap``; the bound then falls back to ``r_i`` and the iteration runs on, as Lanczos
-would (the top of a cross-entropy Hessian is often such a cluster). Nor can it see an eigenvalue
+What it cannot do: certify a top eigenvalue inside a cluster while the other members' Ritz
+pairs are poor (their residuals enter the gap estimate); the bound then falls back to ``r_i``
+and the iteration runs on, as Lanczos would (the top of a cross-entropy Hessian is often such a
+cluster). Nor can it see an eigenvalue
 outside the span of the block and its expansions, e.g. one that has overtaken the previous top
 pair: a block wider than ``k + 1`` guards against that.
 
 Memory: ``V`` and ``W`` in ``basis_dtype`` (float64 by default), ``2 m P`` values for ``m``
 products (``m`` is a few when tracking) with room for up to twice as many, plus one product's
-workspace. Each product adds two passes over ``V`` and ``W`` (its Gram entries) and four over
-``V`` (orthogonalizing the next column).
+workspace. Each product adds two passes over ``V`` and ``W`` (the next residual and its Gram
+entries) and two over ``V`` (orthogonalizing the next column; four when a second pass is due).
 
 Example:
     >>> import torch
@@ -58,16 +60,27 @@ from curvlab.linalg.results import ConvergenceError, EigResult
 
 
 def orthonormal_start(start: Tensor, P: int, want: int, A: Any, generator: torch.Generator | None,
-                      call: str) -> Tensor:
-    """``(P, j)`` float64 orthonormal columns spanning ``start``, padded with random directions to
-    at least ``want`` columns (dependent columns are dropped first)."""
+                      call: str, dtype: torch.dtype = torch.float64) -> Tensor:
+    """``(P, j)`` orthonormal columns in ``dtype`` spanning ``start``, padded with random
+    directions to at least ``want`` columns (dependent columns are dropped first).
+
+    A start that is already orthonormal to within 0.1 (the previous call's Ritz vectors, the
+    usual case) is made orthonormal by one Cholesky QR, ``Y R^{-1}`` with ``R^T R = Y^T Y``
+    formed in float64: two passes over ``Y`` in ``dtype``, where a QR in float64 would copy
+    the block to float64 first. Any other start goes through a float64 QR.
+    """
     if not isinstance(start, Tensor) or start.ndim not in (1, 2) or start.shape[0] != P:
         got = tuple(start.shape) if isinstance(start, Tensor) else type(start).__name__
         raise ValueError(f"{call}: start must be a vector ({P},) or a block ({P}, j), got {got}")
-    Y = start.reshape(P, -1).to(device=A.device, dtype=torch.float64)  # (P, j)
-    if not torch.isfinite(Y).all():
+    Y = synced(start.reshape(P, -1).to(device=A.device, dtype=dtype), A)  # (P, j)
+    gram = (Y.T @ Y).double()  # (j, j); not finite when any entry of Y is not
+    if not torch.isfinite(gram).all():
         raise ValueError(f"{call}: start must be finite")
-    Y = synced(Y, A)
+    eye = torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device)  # (j, j)
+    if Y.shape[1] >= min(want, P) and float((gram - eye).abs().max()) <= 0.1:
+        R = torch.linalg.cholesky(gram, upper=True)  # (j, j)
+        return torch.linalg.solve_triangular(R.to(dtype), Y, upper=True, left=False)  # (P, j)
+    Y = Y.double()  # (P, j)
     while True:
         Q, R = torch.linalg.qr(Y)  # (P, j), (j, j)
         diag = R.diagonal().abs()
@@ -75,7 +88,7 @@ def orthonormal_start(start: Tensor, P: int, want: int, A: Any, generator: torch
         keep = diag > 1e-8 * largest if largest > 0 else diag > 0
         Q = Q[:, keep]  # (P, j') independent directions
         if Q.shape[1] >= min(want, P):
-            return Q
+            return Q.to(dtype)
         Z = random_vectors(P, min(want, P) - Q.shape[1], A, generator)  # (P, pad)
         Y = torch.cat([Q, Z], dim=1)  # (P, want)
 
@@ -111,10 +124,15 @@ class Subspace:
         return self._W[: self.m].T  # (P, m)
 
     def orthogonalize(self, z: Tensor) -> Tensor:
-        """``z`` less its projection on ``V`` (classical Gram-Schmidt, twice)."""
+        """``z`` less its projection on ``V``: classical Gram-Schmidt, repeated only when the
+        first pass removed more than ``1 - 1/sqrt(2)`` of the norm (the criterion of Daniel,
+        Gragg, Kaufman and Stewart 1976). A Ritz residual is orthogonal to ``V`` up to
+        rounding, so one pass (two reads of ``V``) is the rule."""
         rows = self._V[: self.m]  # (m, P)
         z = z.clone()
-        for _ in range(2):
+        before = float(z.norm())
+        z.addmv_(rows.T, rows @ z, alpha=-1.0)
+        if float(z.norm()) < before / math.sqrt(2):
             z.addmv_(rows.T, rows @ z, alpha=-1.0)
         return z
 
@@ -178,7 +196,7 @@ def subspace_eigs(
         raise ValueError(f"{call}: keep must satisfy k = {k} <= keep <= P = {P}, got {keep}")
     max_iters = min(P, max(100, 10 * k + 50)) if max_iters is None else min(int(max_iters), P)
     matvec = Matvec(A, call, basis_dtype)
-    Y = orthonormal_start(start, P, k + 1, A, generator, call).to(basis_dtype)  # (P, j)
+    Y = orthonormal_start(start, P, k + 1, A, generator, call, basis_dtype)  # (P, j)
     if Y.shape[1] > max_iters:
         raise ValueError(f"{call}: the start block has {Y.shape[1]} columns but max_iters is "
                          f"{max_iters}; pass fewer start vectors or raise max_iters")
@@ -195,7 +213,8 @@ def subspace_eigs(
         residuals = np.sqrt(np.maximum(np.einsum("ij,ik,kj->j", S, space.M, S) - theta**2, 0))
         residuals[wanted] = R_w.norm(dim=0).cpu().numpy()
         residuals = np.maximum(residuals, noise * space.scale)  # (m,)
-        bounds = np.maximum(error_bounds(theta, residuals, wanted, bound), noise * space.scale)
+        bounds = np.maximum(error_bounds(theta, residuals, wanted, bound, which),
+                            noise * space.scale)
         floor = math.sqrt(torch.finfo(A.dtype).eps) * np.max(np.abs(theta))
         relative = bounds / np.maximum(np.abs(theta[wanted]), floor)
         done = bool(np.all(relative <= tol))
