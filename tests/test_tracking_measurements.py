@@ -65,7 +65,25 @@ def test_warm_start_false_and_wider_warm_blocks() -> None:
             records = sharp.measure(_context(model, data, step))
             top = records[0].value if sharp.k == 1 else records[0].value[0]
             assert abs(float(top) - ref) <= 1e-3 * ref, kwargs
-        assert sharp._previous.shape[1] == sharp.warm_vectors
+        assert sharp.warm_block.shape[1] == sharp.warm_vectors
+
+
+def test_warm_block_saves_and_restores_the_tracking_state() -> None:
+    """A fresh Sharpness given another's warm_block measures exactly as that one would: same
+    products, same value (a resumed run keeps its warm start)."""
+    model, data = _problem()
+    first = cl.Sharpness(every=1)
+    assert first.warm_block is None
+    first.measure(_context(model, data, 0))
+    saved = first.warm_block.clone()
+    resumed = cl.Sharpness(every=1)
+    resumed.warm_block = saved
+    a, b = first.measure(_context(model, data, 1)), resumed.measure(_context(model, data, 1))
+    assert first.num_matvecs[-1] == resumed.num_matvecs[-1] < first.num_matvecs[0]
+    torch.testing.assert_close(float(a[0].value), float(b[0].value), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"Sharpness.warm_block: expected None or a tensor "
+                                         r"\(P, j\) of start vectors, got Tensor \(5,\)"):
+        resumed.warm_block = torch.ones(5)
 
 
 @pytest.mark.parametrize("split", [False, True])

@@ -66,6 +66,20 @@ class _HessianMeasurement(Measurement):
         self._previous: Any = None  # (P, warm_vectors) Ritz vectors of the last measurement
         self.num_matvecs: list[int] = []
 
+    @property
+    def warm_block(self) -> Any:
+        """``(P, warm_vectors)`` the Ritz vectors that start the next measurement (``None``
+        before the first); read it to save the tracking state, assign it to restore one."""
+        return self._previous
+
+    @warm_block.setter
+    def warm_block(self, block: Any) -> None:
+        if block is not None and not (isinstance(block, torch.Tensor) and block.ndim == 2):
+            raise ValueError(f"{type(self).__name__}.warm_block: expected None or a tensor "
+                             f"(P, j) of start vectors, got {type(block).__name__} "
+                             f"{tuple(getattr(block, 'shape', ()))}")
+        self._previous = block
+
     def probe(self, ctx: Context) -> Any:
         """The probe measured on: the Monitor's, or its first ``probe_size`` examples."""
         if self.probe_size is None:
