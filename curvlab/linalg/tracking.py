@@ -61,75 +61,81 @@ from curvlab.linalg.results import ConvergenceError, EigResult
 
 def orthonormal_start(start: Tensor, P: int, want: int, A: Any, generator: torch.Generator | None,
                       call: str, dtype: torch.dtype = torch.float64) -> Tensor:
-    """``(P, j)`` orthonormal columns in ``dtype`` spanning ``start``, padded with random
-    directions to at least ``want`` columns (dependent columns are dropped first).
+    """``(j, P)`` orthonormal rows in ``dtype`` spanning the columns of ``start``, padded with
+    random directions to at least ``want`` (dependent columns are dropped first).
 
     A start that is already orthonormal to within 0.1 (the previous call's Ritz vectors, the
-    usual case) is made orthonormal by one Cholesky QR, ``Y R^{-1}`` with ``R^T R = Y^T Y``
+    usual case) is made orthonormal by one Cholesky QR, ``R^{-T} Y^T`` with ``R^T R = Y^T Y``
     formed in float64: two passes over ``Y`` in ``dtype``, where a QR in float64 would copy
     the block to float64 first. Any other start goes through a float64 QR.
     """
     if not isinstance(start, Tensor) or start.ndim not in (1, 2) or start.shape[0] != P:
         got = tuple(start.shape) if isinstance(start, Tensor) else type(start).__name__
         raise ValueError(f"{call}: start must be a vector ({P},) or a block ({P}, j), got {got}")
-    Y = synced(start.reshape(P, -1).to(device=A.device, dtype=dtype), A)  # (P, j)
-    gram = (Y.T @ Y).double()  # (j, j); not finite when any entry of Y is not
+    Y = synced(start.reshape(P, -1).T.to(device=A.device, dtype=dtype), A)  # (j, P)
+    gram = (Y @ Y.T).double()  # (j, j); not finite when any entry of Y is not
     if not torch.isfinite(gram).all():
         raise ValueError(f"{call}: start must be finite")
     eye = torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device)  # (j, j)
-    if Y.shape[1] >= min(want, P) and float((gram - eye).abs().max()) <= 0.1:
-        R = torch.linalg.cholesky(gram, upper=True)  # (j, j)
-        return torch.linalg.solve_triangular(R.to(dtype), Y, upper=True, left=False)  # (P, j)
-    Y = Y.double()  # (P, j)
+    if Y.shape[0] >= min(want, P) and float((gram - eye).abs().max()) <= 0.1:
+        L = torch.linalg.cholesky(gram)  # (j, j), L L^T = Y Y^T
+        return torch.linalg.solve_triangular(L.to(dtype), Y, upper=False)  # (j, P)
+    X = Y.double().T  # (P, j)
     while True:
-        Q, R = torch.linalg.qr(Y)  # (P, j), (j, j)
+        Q, R = torch.linalg.qr(X)  # (P, j), (j, j)
         diag = R.diagonal().abs()
         largest = float(diag.max()) if diag.numel() else 0.0
         keep = diag > 1e-8 * largest if largest > 0 else diag > 0
         Q = Q[:, keep]  # (P, j') independent directions
         if Q.shape[1] >= min(want, P):
-            return Q.to(dtype)
+            return Q.T.to(dtype).contiguous()  # (j', P)
         Z = random_vectors(P, min(want, P) - Q.shape[1], A, generator)  # (P, pad)
-        Y = torch.cat([Q, Z], dim=1)  # (P, want)
+        X = torch.cat([Q, Z], dim=1)  # (P, want)
 
 
 class Subspace:
-    """Orthonormal columns ``V (P, m)``, their products ``W = A V`` and the Gram matrices
-    ``G = V^T W`` and ``M = W^T W`` (float64, ``(m, m)``), grown one column at a time.
+    """Orthonormal vectors ``V`` and their products ``W = A V``, stored as rows ``(m, P)``, with
+    the Gram matrices ``G = V W^T`` and ``M = W W^T`` (float64, ``(m, m)``), grown one vector
+    at a time.
 
-    The columns are stored as rows of buffers ``(cap, P)`` with room to spare (doubled when
-    full, at most ``max_cols``), so that a new column costs one contiguous pass over ``V`` and
-    one over ``W`` for its Gram entries, not a copy of both.
+    The rows live in buffers ``(cap, P)`` with room to spare (doubled when full, at most
+    ``max_cols``), so that a new vector costs one contiguous pass over ``V`` and one over ``W``
+    for its Gram entries, not a copy of both.
     """
 
     def __init__(self, V: Tensor, W: Tensor, max_cols: int) -> None:
-        P, j = V.shape
+        j, P = V.shape
         self.max_cols = max(max_cols, j)
         self.cap = min(self.max_cols, max(2 * j, j + 8))  # pages are touched only when written
         self._V = V.new_empty(self.cap, P)  # (cap, P)
         self._W = V.new_empty(self.cap, P)  # (cap, P)
-        self._V[:j], self._W[:j] = V.T, W.T
+        self._V[:j], self._W[:j] = V, W
         self.m = j
-        G = (V.T @ W).cpu().numpy()  # (j, j)
+        G = (self.V @ self.W.T).cpu().numpy()  # (j, j)
         self.G = 0.5 * (G + G.T)
-        self.M = (W.T @ W).cpu().numpy()  # (j, j)
+        self.M = (self.W @ self.W.T).cpu().numpy()  # (j, j)
         self.scale = float(np.sqrt(np.max(np.diag(self.M))))  # a lower bound on ||A||
 
     @property
     def V(self) -> Tensor:
-        return self._V[: self.m].T  # (P, m)
+        return self._V[: self.m]  # (m, P)
 
     @property
     def W(self) -> Tensor:
-        return self._W[: self.m].T  # (P, m)
+        return self._W[: self.m]  # (m, P)
+
+    def combine(self, S: np.ndarray, products: bool = False) -> Tensor:
+        """``S^T V`` ``(j, P)`` for ``S (m, j)``: Ritz vectors as rows; ``S^T W``, their
+        products, with ``products``."""
+        S_t = torch.as_tensor(S.T, dtype=self._V.dtype, device=self._V.device)  # (j, m)
+        return S_t @ (self.W if products else self.V)
 
     def orthogonalize(self, z: Tensor) -> Tensor:
         """``z`` less its projection on ``V``: classical Gram-Schmidt, repeated only when the
         first pass removed more than ``1 - 1/sqrt(2)`` of the norm (the criterion of Daniel,
         Gragg, Kaufman and Stewart 1976). A Ritz residual is orthogonal to ``V`` up to
-        rounding, so one pass (two reads of ``V``) is the rule."""
-        rows = self._V[: self.m]  # (m, P)
-        z = z.clone()
+        rounding, so one pass (two reads of ``V``) is the rule. Works in place on ``z``."""
+        rows = self.V  # (m, P)
         before = float(z.norm())
         z.addmv_(rows.T, rows @ z, alpha=-1.0)
         if float(z.norm()) < before / math.sqrt(2):
@@ -137,7 +143,7 @@ class Subspace:
         return z
 
     def append(self, z: Tensor, w: Tensor) -> None:
-        """Add the unit column ``z``, orthogonal to ``V``, with its product ``w = A z``."""
+        """Add the unit vector ``z``, orthogonal to ``V``, with its product ``w = A z``."""
         if self.m == self.cap:
             self.cap = min(2 * self.cap, self.max_cols)
             for name in ("_V", "_W"):
@@ -148,8 +154,8 @@ class Subspace:
         m = self.m
         self._V[m], self._W[m] = z, w
         self.m += 1
-        g = (self._V[: m + 1] @ w).cpu().numpy()  # (m + 1,) = V^T A z, a new column of G
-        h = (self._W[: m + 1] @ w).cpu().numpy()  # (m + 1,)
+        g = (self.V @ w).cpu().numpy()  # (m + 1,) = V A z, a new column of G
+        h = (self.W @ w).cpu().numpy()  # (m + 1,)
         self.G = np.block([[self.G, g[:m, None]], [g[None, :m], g[m:]]])
         self.M = np.block([[self.M, h[:m, None]], [h[None, :m], h[m:]]])
         self.scale = max(self.scale, math.sqrt(h[m]))
@@ -196,22 +202,22 @@ def subspace_eigs(
         raise ValueError(f"{call}: keep must satisfy k = {k} <= keep <= P = {P}, got {keep}")
     max_iters = min(P, max(100, 10 * k + 50)) if max_iters is None else min(int(max_iters), P)
     matvec = Matvec(A, call, basis_dtype)
-    Y = orthonormal_start(start, P, k + 1, A, generator, call, basis_dtype)  # (P, j)
-    if Y.shape[1] > max_iters:
-        raise ValueError(f"{call}: the start block has {Y.shape[1]} columns but max_iters is "
+    Y = orthonormal_start(start, P, k + 1, A, generator, call, basis_dtype)  # (j, P)
+    if Y.shape[0] > max_iters:
+        raise ValueError(f"{call}: the start block has {Y.shape[0]} columns but max_iters is "
                          f"{max_iters}; pass fewer start vectors or raise max_iters")
-    space = Subspace(Y, matvec(Y, 0), max_iters)
+    space = Subspace(Y, matvec(Y.T, 0).T, max_iters)
     noise = noise_level(A.dtype, basis_dtype)
     while True:
         theta, S = eigh(space.G)  # (m,), (m, m)
         wanted = select(theta, k, which)
-        S_w = torch.as_tensor(S[:, wanted], dtype=basis_dtype, device=Y.device)  # (m, k)
-        theta_w = torch.as_tensor(theta[wanted], dtype=basis_dtype, device=Y.device)  # (k,)
-        R_w = (space.W @ S_w).sub_((space.V @ S_w).mul_(theta_w))  # (P, k) W s - theta V s
+        X_w = space.combine(S[:, wanted])  # (k, P) the wanted Ritz vectors
+        theta_w = torch.as_tensor(theta[wanted], dtype=basis_dtype, device=X_w.device)  # (k,)
+        R_w = space.combine(S[:, wanted], products=True).sub_(X_w * theta_w[:, None])  # (k, P)
         # Exact residuals for the wanted pairs; the others, which only enter the gap estimate,
-        # from the Gram matrices: ||W s - theta V s||^2 = s^T (W^T W) s - theta^2.
+        # from the Gram matrices: ||W s - theta V s||^2 = s^T (W W^T) s - theta^2.
         residuals = np.sqrt(np.maximum(np.einsum("ij,ik,kj->j", S, space.M, S) - theta**2, 0))
-        residuals[wanted] = R_w.norm(dim=0).cpu().numpy()
+        residuals[wanted] = R_w.norm(dim=1).cpu().numpy()
         residuals = np.maximum(residuals, noise * space.scale)  # (m,)
         bounds = np.maximum(error_bounds(theta, residuals, wanted, bound, which),
                             noise * space.scale)
@@ -220,12 +226,11 @@ def subspace_eigs(
         done = bool(np.all(relative <= tol))
         if done or matvec.count >= max_iters or space.m >= P:
             break
-        z = space.orthogonalize(R_w[:, int(np.argmax(relative))])  # (P,) the worst pair's
+        z = space.orthogonalize(R_w[int(np.argmax(relative))])  # (P,) the worst pair's
         if float(z.norm()) <= 1e-10 * max(space.scale, 1e-300):  # invariant: go on at random
             z = space.orthogonalize(random_vectors(P, 1, A, generator)[:, 0].to(basis_dtype))
         z = z / z.norm()
         space.append(z, matvec(z, space.m))
-    V = space.V
     converged = done or space.m >= P
     rel = float(np.max(relative))
     message = (f"converged: {k} eigenvalues to relative accuracy {rel:.1e} <= tol {tol:g} in "
@@ -235,14 +240,14 @@ def subspace_eigs(
     if not converged and throw:
         raise ConvergenceError(f"{call}: {message}")
     order = select(theta, min(keep, theta.size), which)
-    X = V @ torch.as_tensor(S[:, order], dtype=basis_dtype, device=V.device)  # (P, keep)
+    X = space.combine(S[:, order])  # (keep, P), the next call's start as rows
     return EigResult(
         eigenvalues=torch.as_tensor(theta[wanted].copy()),
-        eigenvectors=(V @ S_w).to(A.dtype),
+        eigenvectors=X_w.T.to(A.dtype),  # (P, k)
         residuals=torch.as_tensor(residuals[wanted].copy()),
         error_bounds=torch.as_tensor(bounds),
         num_matvecs=matvec.count,
         converged=converged,
         message=message,
-        ritz_vectors=X,
+        ritz_vectors=X.T,  # (P, keep), a view of the rows
     )

@@ -92,15 +92,17 @@ def test_lanczos_stops_sooner_on_a_clustered_top_and_stays_within_tol(monkeypatc
 
 
 def test_warm_start_from_ritz_vectors_is_orthonormal_in_the_basis_dtype() -> None:
-    """A start that is nearly orthonormal takes the Cholesky QR path: orthonormal columns in the
-    requested dtype spanning the start."""
+    """A start that is nearly orthonormal takes the Cholesky QR path: orthonormal rows in the
+    requested dtype spanning the start's columns; a dependent start the QR path, padded."""
     A = torch.eye(50, dtype=torch.float64)
     Y = torch.linalg.qr(torch.randn(50, 4, generator=torch.Generator().manual_seed(0),
                                     dtype=torch.float64))[0] + 1e-3  # (50, 4)
-    for dtype, atol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
-        Q = tracking_module.orthonormal_start(Y, 50, 2, A, None, "test", dtype)
-        assert Q.dtype == dtype and Q.shape == (50, 4)
-        torch.testing.assert_close(Q.T.double() @ Q.double(), torch.eye(4, dtype=torch.float64),
-                                   rtol=0, atol=atol)
-        coef = torch.linalg.lstsq(Q.double(), Y).solution  # (4, 4)
-        torch.testing.assert_close(Q.double() @ coef, Y, rtol=0, atol=10 * atol)
+    for start in (Y, torch.cat([Y[:, :2], Y[:, :2]], dim=1)):  # independent, dependent
+        for dtype, atol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+            Q = tracking_module.orthonormal_start(start, 50, 4, A, None, "test", dtype)
+            assert Q.dtype == dtype and Q.shape == (4, 50)
+            Q = Q.double()
+            torch.testing.assert_close(Q @ Q.T, torch.eye(4, dtype=torch.float64), rtol=0,
+                                       atol=atol)
+            coef = torch.linalg.lstsq(Q.T, start).solution  # (4, 4)
+            torch.testing.assert_close(Q.T @ coef, start, rtol=0, atol=10 * atol)
