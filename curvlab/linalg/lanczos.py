@@ -69,7 +69,8 @@ WHICH = ("LA", "SA", "LM", "BE")
 
 
 class KrylovBasis:
-    """The Lanczos recurrence with full reorthogonalization (classical Gram-Schmidt, twice).
+    """The Lanczos recurrence with full reorthogonalization (classical Gram-Schmidt, repeated
+    when it removes much).
 
     After ``m`` steps: ``rows`` holds ``m`` orthonormal vectors ``(P,)`` in the basis dtype on the
     basis device (each allocated when its step runs, so memory grows with the steps taken, not
@@ -111,11 +112,20 @@ class KrylovBasis:
         self.rows.append(self.next_q)
         w = self.matvec(self.next_q, m)  # (P,)
         w_norm = float(w.norm())
-        c = self.project_out(w)
+        # The three-term recurrence: w less its parts along q_m and q_{m-1}
+        recent = self.rows[-2:]
+        c = [float(torch.dot(q, w)) for q in recent]
+        for q, ci in zip(recent, c, strict=True):
+            w.add_(q, alpha=-ci)
         if self.check_symmetry and m == 1:
             self._check_symmetry(c[0], w_norm)
-        c2 = self.project_out(w)  # the second pass
-        alpha = c[m] + c2[m]
+        # Full reorthogonalization: one classical Gram-Schmidt pass over the whole basis, and a
+        # second when the first removed more than 1 - 1/sqrt(2) of the norm (Daniel, Gragg,
+        # Kaufman and Stewart 1976): two reads of the basis per step as a rule, not four.
+        before = float(w.norm())
+        alpha = c[-1] + self.project_out(w)[m]
+        if float(w.norm()) < before / math.sqrt(2):
+            alpha += self.project_out(w)[m]
         beta = float(w.norm())
         self.alpha.append(alpha)
         self.scale = max(self.scale, abs(alpha), beta, w_norm)
