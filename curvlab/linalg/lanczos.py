@@ -175,7 +175,7 @@ class KrylovBasis:
         P = rows[0].shape[0]
         if j > m:  # more vectors wanted than the basis has (a tiny operator): plainly
             return torch.stack(rows, dim=1) @ S_t.T  # (P, j)
-        chunk = max(1 << 16, -(-P // (4 * m)))
+        chunk = max(1 << 12, -(-P // (4 * m)))  # (m, chunk): P / 4 values once P >= 16384 m
         for a in range(0, P, chunk):
             block = torch.stack([r[a: a + chunk] for r in rows])  # (m, c)
             out = S_t @ block  # (j, c)
