@@ -25,7 +25,9 @@ two windows: early (steps < 50) and late (the rest). Only steps before the wides
 reaches 0.9 of ``2 / eta`` count (none reaches it here). The quantities are the sharpness, the
 loss, and the top eigenvalue of the LR-weighted NTK. The rise of each run's sharpness,
 ``(lambda(100) - lambda(0)) / (2 / eta)``, is also fitted as a power of width
-(``cl.fit_exponent``).
+(``cl.fit_exponent``). So that the late gaps are known to be measured during progressive
+sharpening, muP's seed-mean sharpness must rise across the late window at every width
+(``rise_in_window``, asserted; the early window's rise is reported).
 
 Run (from the repository root; a few minutes on a 2-core CPU, seconds with ``--quick``):
 
