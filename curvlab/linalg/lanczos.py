@@ -11,10 +11,11 @@ eigenvalues are at least ``gap_i`` away (Kato-Temple; Parlett, *The Symmetric Ei
 section 11.7). The gap is estimated from the other Ritz values with a safety margin of their own
 residuals, ``gap_i = min_{j != i} (|theta_i - theta_j| - r_j)``; where that estimate is not
 larger than ``r_i`` the bound falls back to ``r_i``. For the ends of the spectrum (``which``
-"LA" or "SA") the bound is also taken in block form (:func:`cluster_bounds`): the leading ``c``
-Ritz values as one block, ``|lambda_i - theta_i| <= sum_{j <= c} r_j^2 / eta_c`` with ``eta_c``
-the block's estimated distance to the rest, so a top cluster costs its distance to the next
-eigenvalue, not the square root of its own width. The estimate is used only from ``k + 3``
+"LA" or "SA") the bound is also taken in block form
+(:func:`~curvlab.linalg.bounds.cluster_bounds`): the leading ``c`` Ritz values as one block,
+``|lambda_i - theta_i| <= sum_{j <= c} r_j^2 / eta_c`` with ``eta_c`` the block's estimated
+distance to the rest, so a top cluster costs its distance to the next eigenvalue, not the
+square root of its own width. The estimate is used only from ``k + 3``
 steps on: in a smaller Krylov space the other Ritz values are averages over much of the spectrum
 and sit far below the next eigenvalue (measured on a warm-started MLP Hessian: at 2 steps the
 estimated gap was 8 times the true one). Iteration stops as soon as every wanted bound
@@ -63,6 +64,7 @@ from scipy.linalg import eigh_tridiagonal
 from torch import Tensor
 
 from curvlab.linalg._checks import Matvec, check_operator, random_vectors, synced
+from curvlab.linalg.bounds import error_bounds, noise_level, select
 from curvlab.linalg.results import ConvergenceError, EigResult
 
 WHICH = ("LA", "SA", "LM", "BE")
@@ -196,71 +198,6 @@ class KrylovBasis:
         return theta, S, np.abs(self.beta[-1] * S[-1, :])
 
 
-def select(theta: np.ndarray, k: int, which: str) -> np.ndarray:
-    """Indices of the ``k`` wanted Ritz values, in the order they are returned."""
-    if which == "LA":
-        return np.argsort(-theta, kind="stable")[:k]
-    if which == "SA":
-        return np.argsort(theta, kind="stable")[:k]
-    if which == "LM":
-        return np.argsort(-np.abs(theta), kind="stable")[:k]
-    order = np.argsort(-theta, kind="stable")  # "BE": ceil(k/2) from the top, the rest from below
-    top, bottom = order[: (k + 1) // 2], order[::-1][: k // 2]
-    return np.concatenate([top, bottom[::-1]])
-
-
-def error_bounds(theta: np.ndarray, residuals: np.ndarray, wanted: np.ndarray,
-                 bound: str = "gap", which: str | None = None) -> np.ndarray:
-    """Per wanted Ritz value: ``min(r_i, r_i^2 / gap_i)`` (gap as in the module doc), tightened
-    for ``which`` "LA" or "SA" by the cluster bound (:func:`cluster_bounds`); or ``r_i``."""
-    if bound == "residual":
-        return residuals[wanted]
-    bounds = []
-    for i in wanted:
-        others = np.delete(np.arange(theta.size), i)
-        gap = np.min(np.abs(theta[i] - theta[others]) - residuals[others]) if others.size else 0.0
-        r = residuals[i]
-        bounds.append(min(r, r * r / gap) if gap > r else r)
-    if which in ("LA", "SA"):
-        return np.minimum(np.asarray(bounds), cluster_bounds(theta, residuals, wanted, which))
-    return np.asarray(bounds)
-
-
-def cluster_bounds(theta: np.ndarray, residuals: np.ndarray, wanted: np.ndarray,
-                   which: str) -> np.ndarray:
-    """Quadratic residual bounds for the ends of the spectrum that hold inside a cluster.
-
-    Order the Ritz values from the wanted end, ``theta_1 >= theta_2 >= ...`` ("LA"; mirrored
-    for "SA"), and take the leading ``c`` Ritz pairs as one block. In the basis of their Ritz
-    vectors and a complement, ``A = [[Theta_c, E^T], [E, A_2]]`` with ``||E|| = ||R_c||``, the
-    block residual (Rayleigh-Ritz residuals are orthogonal to the whole subspace). If every
-    eigenvalue of ``A_2`` is below ``theta_c`` by at least ``eta``, then for ``i <= c``
-    ``|lambda_i - theta_i| <= ||E||^2 / eta`` (Li & Li 2005, "A note on eigenvalues of
-    perturbed Hermitian matrices", Linear Algebra Appl. 395; the block form of Kato-Temple).
-    ``||R_c||^2 <= sum_{j <= c} r_j^2`` and ``eta`` is estimated as for a single pair, from the
-    Ritz values outside the block less their residuals: ``eta_c = min_{j > c} (theta_c -
-    theta_j - r_j)``. A cluster ``lambda_1 ~ lambda_2`` thus costs only its distance to
-    ``lambda_3``, where the single-pair bound ``r_1^2 / (theta_1 - theta_2)`` would need
-    ``r_1`` below the square root of the cluster's width. Returns, per wanted value, the least
-    bound over every block that contains it (``inf`` where none has ``eta_c > 0``).
-    """
-    sign = 1.0 if which == "LA" else -1.0
-    order = np.argsort(-sign * theta, kind="stable")  # from the wanted end inward
-    t, r = sign * theta[order], residuals[order]  # (m,) descending, their residuals
-    m = t.size
-    mass = np.cumsum(r**2)  # (m,) ||R_c||_F^2 for c = 1..m
-    above = np.maximum.accumulate((t + r)[::-1])[::-1]  # (m,) max_{j >= c} (theta_j + r_j)
-    per_block = np.full(m, np.inf)  # (m,) the bound of the block of the leading c + 1 pairs
-    for c in range(m - 1):
-        eta = t[c] - above[c + 1]
-        if eta > 0:
-            per_block[c] = mass[c] / eta
-    best = np.minimum.accumulate(per_block[::-1])[::-1]  # (m,) least bound over blocks >= c
-    rank = np.empty(m, dtype=int)
-    rank[order] = np.arange(m)
-    return best[rank[wanted]]
-
-
 def start_vector(v0: Tensor | None, P: int, A: Any, generator: torch.Generator | None,
                  call: str) -> Tensor:
     """``(P,)`` float64: ``v0`` (a block of previous eigenvectors is summed) or a random vector."""
@@ -291,12 +228,6 @@ def check_arguments(P: int, k: int, tol: float, call: str, *, which: str = "LA",
     if not tol > 0:
         raise ValueError(f"{call}: tol must be positive (a relative eigenvalue accuracy), "
                          f"got {tol}")
-
-
-def noise_level(*dtypes: torch.dtype) -> float:
-    """The relative rounding of a product or basis in these dtypes: 0 when all are float64
-    (the tridiagonal residuals are truthful), else the largest ``eps`` below float64."""
-    return max((torch.finfo(t).eps for t in dtypes if t != torch.float64), default=0.0)
 
 
 def lanczos(

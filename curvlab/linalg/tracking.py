@@ -11,7 +11,7 @@ reuses all of them, not only the top one:
 3. stop when every wanted bound is at most ``tol * |theta_i|``: the bound of
    :func:`~curvlab.linalg.lanczos`, ``min(r_i, r_i^2 / gap_i)`` with ``gap_i`` estimated from
    the other Ritz values less their residuals, or its block form for a cluster at the end of
-   the spectrum (:func:`~curvlab.linalg.lanczos.cluster_bounds`);
+   the spectrum (:func:`~curvlab.linalg.bounds.cluster_bounds`);
 4. else append the residual of the least accurate wanted pair, orthogonalized against ``V``,
    and its product, and go to 2.
 
@@ -55,7 +55,8 @@ from scipy.linalg import eigh
 from torch import Tensor
 
 from curvlab.linalg._checks import Matvec, check_operator, random_vectors, synced
-from curvlab.linalg.lanczos import check_arguments, error_bounds, noise_level, select
+from curvlab.linalg.bounds import error_bounds, noise_level, select
+from curvlab.linalg.lanczos import check_arguments
 from curvlab.linalg.results import ConvergenceError, EigResult
 
 
