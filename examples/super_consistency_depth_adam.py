@@ -31,8 +31,9 @@ digits with cross-entropy (1,024 points, 10 classes).
     before the first step Adam has no second moments, so it has no preconditioner. On the
     digits the first 10 steps are left out too: while the second moments fill, the
     preconditioned sharpness is 2-60x its later value.
-  - On the digits the ratio is reported, not asserted: single seeds spike (a preconditioned
-    sharpness of 2x ``38 / eta`` at one measurement, then back), which dominates a 3-seed mean.
+  - On the digits the ratio is reported, not asserted: the preconditioned sharpness spikes (at
+    step 10 the seed mean at width 256 is 2.2x ``38 / eta``, back at the next measurements),
+    which dominates a 3-seed mean.
     The cause is not pinned down here; one candidate is the pixels that are nonzero in few
     images, whose tiny second moments make Adam's preconditioner huge along them.
 

@@ -136,18 +136,15 @@ def summarize(runs: list[Run], *, by: str = "width", test: str = "mup", control:
         out["gaps"][q] = gaps
     out["sharpening_exponent"] = {p: sharpening_exponent(runs, p, eos_step, by, metric, skip)
                                   for p in thr}
-    out["rise_in_window"] = rise_in_window(runs, test, eos_step, by, metric, skip)
+    out["rise_in_window"] = rise_in_window(sharp, thr[test], eos_step, skip)
     return out
 
 
-def rise_in_window(runs: list[Run], par: str, eos_step: int | None, by: str = "width",
-                   metric: str = "sharpness_lr", skip: int = 0) -> dict[str, Any]:
-    """Whether each window is one of progressive sharpening for ``par``: per width (depth), the
-    seed-mean sharpness at the window's last step less at its first, over the threshold;
-    ``progressive`` when that is positive at every width (depth)."""
-    g = cl.super_consistency(derived(runs, "sharpness", metric), metric="sharpness", by=by,
-                             window=1).groups[par]
-    thr = next(r for r in runs if r.config["parametrization"] == par).metrics[metric].threshold
+def rise_in_window(g: Any, thr: float, eos_step: int | None, skip: int = 0) -> dict[str, Any]:
+    """Whether each window is one of progressive sharpening: per width (depth) of the group
+    ``g`` (one parametrization's ``cl.super_consistency`` group of the sharpness), the
+    seed-mean sharpness at the window's last step less at its first, over the threshold
+    ``thr``; ``progressive`` when that is positive at every width (depth)."""
     before = (g.steps < (eos_step if eos_step is not None else np.inf)) & (g.steps >= skip)
     out: dict[str, Any] = {}
     for name, w in {"early": before & (g.steps < EARLY), "late": before & (g.steps >= EARLY)
