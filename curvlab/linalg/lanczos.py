@@ -39,7 +39,9 @@ when its step runs, so ``max_iters`` reserves nothing. Besides that: one product
 a large model pass ``basis_dtype=torch.float32`` (``4 P`` bytes per vector, half of float64;
 measured in ``benchmarks/lanczos_memory.py``) and/or ``basis_device="cpu"`` (the basis in host
 memory, one vector copied each way per product). The tridiagonal ``T`` and its eigenproblem stay
-in float64 either way. What a float32 basis costs: it is orthonormal to about ``m eps_32``
+in float64 either way, and so are the inner products and norms over ``P`` (slices of the float32
+vectors converted to float64, :func:`~curvlab.linalg._checks.dots`: one float32 sum over ``1e7``
+entries is off by up to ``7e-4``). What a float32 basis costs: it is orthonormal to about ``m eps_32``
 (``eps_32 = 1.2e-7``) instead of ``m eps_64``, so Ritz values carry a relative error of about
 ``eps_32`` and residuals below ``eps_32 ||A||`` are not resolved; no bound below that is claimed
 (as for a float32 operator), and tolerances down to ``1e-5`` are met as in float64 (tested on the
@@ -63,7 +65,7 @@ import torch
 from scipy.linalg import eigh_tridiagonal
 from torch import Tensor
 
-from curvlab.linalg._checks import Matvec, check_operator, random_vectors, synced
+from curvlab.linalg._checks import Matvec, check_operator, dots, norm, random_vectors, synced
 from curvlab.linalg.bounds import error_bounds, noise_level, select
 from curvlab.linalg.results import ConvergenceError, EigResult
 
@@ -87,7 +89,7 @@ class KrylovBasis:
         self.alpha: list[float] = []
         self.beta: list[float] = []
         q0 = q0.to(device=matvec.device, dtype=matvec.dtype)  # (P,)
-        self.next_q: Tensor | None = q0 / q0.norm()  # (P,)
+        self.next_q: Tensor | None = q0 / norm(q0)  # (P,)
         self.scale = 0.0  # running estimate of ||A||
         # beta below this fraction of ||A|| is a breakdown: 100 eps for float32 and float64;
         # for bfloat16 and float16, whose eps is large (8e-3, 1e-3), 0.5 sqrt(eps) (about 6 and
@@ -101,7 +103,7 @@ class KrylovBasis:
 
     def project_out(self, w: Tensor) -> list[float]:
         """``w -= sum_i (q_i . w) q_i`` in place over the rows; returns the coefficients."""
-        c = torch.stack([torch.dot(q, w) for q in self.rows]).tolist()  # (m,)
+        c = [float(dots(q, w)) for q in self.rows]  # (m,)
         for q, ci in zip(self.rows, c, strict=True):
             w.add_(q, alpha=-ci)
         return c
@@ -113,10 +115,10 @@ class KrylovBasis:
             raise RuntimeError("KrylovBasis.step: no next vector (call restart after a breakdown)")
         self.rows.append(self.next_q)
         w = self.matvec(self.next_q, m)  # (P,)
-        w_norm = float(w.norm())
+        w_norm = norm(w)
         # The three-term recurrence: w less its parts along q_m and q_{m-1}
         recent = self.rows[-2:]
-        c = [float(torch.dot(q, w)) for q in recent]
+        c = [float(dots(q, w)) for q in recent]
         for q, ci in zip(recent, c, strict=True):
             w.add_(q, alpha=-ci)
         if self.check_symmetry and m == 1:
@@ -124,11 +126,11 @@ class KrylovBasis:
         # Full reorthogonalization: one classical Gram-Schmidt pass over the whole basis, and a
         # second when the first removed more than 1 - 1/sqrt(2) of the norm (Daniel, Gragg,
         # Kaufman and Stewart 1976): two reads of the basis per step as a rule, not four.
-        before = float(w.norm())
+        before = norm(w)
         alpha = c[-1] + self.project_out(w)[m]
-        if float(w.norm()) < before / math.sqrt(2):
+        if norm(w) < before / math.sqrt(2):
             alpha += self.project_out(w)[m]
-        beta = float(w.norm())
+        beta = norm(w)
         self.alpha.append(alpha)
         self.scale = max(self.scale, abs(alpha), beta, w_norm)
         if beta <= self.breakdown_tol * self.scale:
@@ -157,9 +159,9 @@ class KrylovBasis:
         z = z.to(device=self.matvec.device, dtype=self.matvec.dtype)
         for _ in range(2):
             self.project_out(z)
-        if float(z.norm()) < 1e-8:
+        if norm(z) < 1e-8:
             return False
-        self.next_q = z / z.norm()
+        self.next_q = z / norm(z)
         return True
 
     def combine(self, S: np.ndarray) -> Tensor:

@@ -54,7 +54,7 @@ import torch
 from scipy.linalg import eigh
 from torch import Tensor
 
-from curvlab.linalg._checks import Matvec, check_operator, random_vectors, synced
+from curvlab.linalg._checks import Matvec, check_operator, dots, norm, random_vectors, synced
 from curvlab.linalg.bounds import error_bounds, noise_level, select
 from curvlab.linalg.lanczos import check_arguments
 from curvlab.linalg.results import ConvergenceError, EigResult
@@ -74,7 +74,7 @@ def orthonormal_start(start: Tensor, P: int, want: int, A: Any, generator: torch
         got = tuple(start.shape) if isinstance(start, Tensor) else type(start).__name__
         raise ValueError(f"{call}: start must be a vector ({P},) or a block ({P}, j), got {got}")
     Y = synced(start.reshape(P, -1).T.to(device=A.device, dtype=dtype), A)  # (j, P)
-    gram = (Y @ Y.T).double()  # (j, j); not finite when any entry of Y is not
+    gram = dots(Y, Y.T)  # (j, j) float64; not finite when any entry of Y is not
     if not torch.isfinite(gram).all():
         raise ValueError(f"{call}: start must be finite")
     eye = torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device)  # (j, j)
@@ -112,9 +112,9 @@ class Subspace:
         self._W = V.new_empty(self.cap, P)  # (cap, P)
         self._V[:j], self._W[:j] = V, W
         self.m = j
-        G = (self.V @ self.W.T).cpu().numpy()  # (j, j)
+        G = dots(self.V, self.W.T).cpu().numpy()  # (j, j)
         self.G = 0.5 * (G + G.T)
-        self.M = (self.W @ self.W.T).cpu().numpy()  # (j, j)
+        self.M = dots(self.W, self.W.T).cpu().numpy()  # (j, j)
         self.scale = float(np.sqrt(np.max(np.diag(self.M))))  # a lower bound on ||A||
 
     @property
@@ -137,10 +137,10 @@ class Subspace:
         Gragg, Kaufman and Stewart 1976). A Ritz residual is orthogonal to ``V`` up to
         rounding, so one pass (two reads of ``V``) is the rule. Works in place on ``z``."""
         rows = self.V  # (m, P)
-        before = float(z.norm())
-        z.addmv_(rows.T, rows @ z, alpha=-1.0)
-        if float(z.norm()) < before / math.sqrt(2):
-            z.addmv_(rows.T, rows @ z, alpha=-1.0)
+        before = norm(z)
+        z.addmv_(rows.T, dots(rows, z).to(rows.dtype), alpha=-1.0)
+        if norm(z) < before / math.sqrt(2):
+            z.addmv_(rows.T, dots(rows, z).to(rows.dtype), alpha=-1.0)
         return z
 
     def append(self, z: Tensor, w: Tensor) -> None:
@@ -155,8 +155,8 @@ class Subspace:
         m = self.m
         self._V[m], self._W[m] = z, w
         self.m += 1
-        g = (self.V @ w).cpu().numpy()  # (m + 1,) = V A z, a new column of G
-        h = (self.W @ w).cpu().numpy()  # (m + 1,)
+        g = dots(self.V, w).cpu().numpy()  # (m + 1,) = V A z, a new column of G
+        h = dots(self.W, w).cpu().numpy()  # (m + 1,)
         self.G = np.block([[self.G, g[:m, None]], [g[None, :m], g[m:]]])
         self.M = np.block([[self.M, h[:m, None]], [h[None, :m], h[m:]]])
         self.scale = max(self.scale, math.sqrt(h[m]))
@@ -228,9 +228,9 @@ def subspace_eigs(
         if done or matvec.count >= max_iters or space.m >= P:
             break
         z = space.orthogonalize(R_w[int(np.argmax(relative))])  # (P,) the worst pair's
-        if float(z.norm()) <= 1e-10 * max(space.scale, 1e-300):  # invariant: go on at random
+        if norm(z) <= 1e-10 * max(space.scale, 1e-300):  # invariant: go on at random
             z = space.orthogonalize(random_vectors(P, 1, A, generator)[:, 0].to(basis_dtype))
-        z = z / z.norm()
+        z = z / norm(z)
         space.append(z, matvec(z, space.m))
     converged = done or space.m >= P
     rel = float(np.max(relative))

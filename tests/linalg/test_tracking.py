@@ -7,6 +7,7 @@ import torch
 from cases import SINGLE_BATCH, case, hessian
 
 import curvlab as cl
+from curvlab.linalg._checks import dots
 from linalg.designed import Counting, spectra, with_spectrum
 from linalg.test_lanczos import check_result, top
 
@@ -92,6 +93,52 @@ def test_float32_basis_does_not_claim_accuracy_below_its_rounding() -> None:
     assert "float32 products or basis limit the accuracy" in res.message
     # No bound below eps_32 times the running estimate of ||A|| (100; at least half of it).
     assert res.error_bounds.item() >= torch.finfo(torch.float32).eps * 50
+
+
+class LocalizedDiagonal:
+    """A float32 diagonal operator of ``P = 2^20`` whose top eigenvectors are ``e_0`` and
+    ``e_1`` (eigenvalues 2.0 and 1.9, the rest in [0, 1)): vectors near them are localized, the
+    case where one float32 sum over all ``P`` entries loses the most."""
+
+    P = 1 << 20
+    shape, dtype, device = (P, P), torch.float32, torch.device("cpu")
+
+    def __init__(self) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.d = torch.rand(self.P, generator=g)  # (P,)
+        self.d[0], self.d[1] = 2.0, 1.9
+        start = torch.zeros(self.P, 2, dtype=torch.float64)  # (P, 2)
+        start[0, 0] = start[1, 1] = 1.0
+        self.start = start + 1e-3 * torch.randn(self.P, 2, generator=g, dtype=torch.float64)
+
+    def __matmul__(self, V: torch.Tensor) -> torch.Tensor:
+        return self.d[:, None] * V if V.ndim == 2 else self.d * V
+
+
+def test_float32_inner_products_are_accumulated_in_float64() -> None:
+    x = torch.full((1 << 20,), 1e-3)
+    x[0] = 1.0  # the sum is carried by one entry, the tail below its float32 rounding
+    exact = x.double() @ x.double()
+    assert abs(float(x @ x) - float(exact)) > 1e-6  # what a float32 sum of 2^20 terms loses
+    torch.testing.assert_close(dots(x, x), exact, rtol=1e-10, atol=0)
+    X = torch.stack([x, x.flip(0)])  # (2, P)
+    torch.testing.assert_close(dots(X, X.T), X.double() @ X.double().T, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("call", ["subspace_eigs", "lanczos"])
+def test_float32_basis_meets_a_tight_tolerance_at_a_million_parameters(call: str) -> None:
+    """Before float64 accumulation both claimed convergence to 1e-6 while 8e-5 (subspace_eigs)
+    and 3e-6 (lanczos) off the top eigenvalue 2."""
+    A = LocalizedDiagonal()
+    if call == "subspace_eigs":
+        res = cl.subspace_eigs(A, 1, start=A.start, tol=1e-6, basis_dtype=torch.float32,
+                               max_iters=40)
+    else:
+        res = cl.lanczos(A, 1, tol=1e-6, basis_dtype=torch.float32, v0=A.start[:, 0],
+                         max_iters=60)
+    assert res.converged, res.message
+    torch.testing.assert_close(res.eigenvalues, torch.tensor([2.0], dtype=torch.float64),
+                               rtol=1e-6, atol=0)
 
 
 def test_host_basis_and_keep_match_the_default() -> None:
