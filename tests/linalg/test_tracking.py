@@ -116,13 +116,14 @@ class LocalizedDiagonal:
 
 
 def test_float32_inner_products_are_accumulated_in_float64() -> None:
-    x = torch.full((1 << 20,), 1e-3)
-    x[0] = 1.0  # the sum is carried by one entry, the tail below its float32 rounding
-    exact = x.double() @ x.double()
-    assert abs(float(x @ x) - float(exact)) > 1e-6  # what a float32 sum of 2^20 terms loses
-    torch.testing.assert_close(dots(x, x), exact, rtol=1e-10, atol=0)
-    X = torch.stack([x, x.flip(0)])  # (2, P)
-    torch.testing.assert_close(dots(X, X.T), X.double() @ X.double().T, rtol=1e-10, atol=1e-12)
+    x = torch.full((1 << 20,), 2.0**-13)  # squares exact in float32: only the sums round
+    x[0] = 1.0  # one entry carries the sum; each term of the tail is below its rounding
+    exact = x.double() @ x.double()  # (), 1 + 2^-6
+    assert abs(float(x @ x) - float(exact)) > 1e-5  # what a float32 product of 2^20 loses
+    torch.testing.assert_close(dots(x, x), exact, rtol=1e-6, atol=0)  # a few eps_32
+    X = torch.stack([x, x.flip(0), -x])  # (3, P)
+    torch.testing.assert_close(dots(X, x), X.double() @ x.double(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(dots(X, X.T), X.double() @ X.double().T, rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("call", ["subspace_eigs", "lanczos"])
