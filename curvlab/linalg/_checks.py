@@ -44,7 +44,7 @@ def synced(t: Tensor, A: Any) -> Tensor:
 SLICE = 1 << 17
 
 
-def dots(X: Tensor, y: Tensor) -> Tensor:
+def dots(X: Tensor, y: Tensor, buffer: Tensor | None = None) -> Tensor:
     """``X @ y`` in float64 for ``X (m, P)`` or ``(P,)`` and ``y (P,)`` or ``(P, q)``.
 
     In float64 this is ``X @ y``. A float32 matrix-vector product over ``P`` entries loses
@@ -56,7 +56,9 @@ def dots(X: Tensor, y: Tensor) -> Tensor:
     eigenvalues. Here the products of each slice of ``2^17`` entries go to a reused float32
     buffer and are summed by torch's pairwise reduction, and the slices' sums are added in
     float64: an error of a few ``eps_32`` at any ``P``, at 1.2-1.3 times the time of one
-    matrix-vector product (a buffer of ``m`` slices).
+    matrix-vector product. ``buffer``: a float32 ``(>= m, >= min(2^17, P))`` work tensor that
+    a caller iterating over the same ``P`` keeps, so that no call allocates (a fresh buffer of
+    ``m`` slices per call cost page faults: half a millisecond at ``m = 8``).
 
     Example:
         >>> import torch
@@ -73,20 +75,29 @@ def dots(X: Tensor, y: Tensor) -> Tensor:
             total += X[..., a: a + SLICE].double() @ y[a: a + SLICE].double()  # (m, q)
         return total
     rows = X if X.ndim == 2 else X[None]  # (m, P)
-    buf = torch.empty(rows.shape[0], min(SLICE, P), dtype=torch.promote_types(X.dtype, y.dtype),
-                      device=y.device)  # (m, slice)
+    m, c = rows.shape[0], min(SLICE, P)
+    buf = buffer if buffer is not None and buffer.shape[0] >= m and buffer.shape[1] >= c else \
+        torch.empty(m, c, dtype=torch.promote_types(X.dtype, y.dtype), device=y.device)
     total = torch.zeros(rows.shape[0], dtype=torch.float64, device=y.device)  # (m,)
     for a in range(0, P, SLICE):
-        part = buf[:, : min(SLICE, P - a)]  # (m, c)
+        part = buf[:m, : min(SLICE, P - a)]  # (m, c)
         torch.mul(rows[:, a: a + SLICE], y[a: a + SLICE], out=part)
         total += part.sum(dim=1)
     return total if X.ndim == 2 else total[0]
 
 
-def norm(x: Tensor) -> float:
+def work_buffer(m: int, like: Tensor) -> Tensor | None:
+    """The ``buffer`` of :func:`dots` for ``m`` rows of vectors like ``like (P,)``; ``None``
+    in float64, which needs none."""
+    if like.dtype == torch.float64:
+        return None
+    return torch.empty(m, min(SLICE, like.shape[-1]), dtype=like.dtype, device=like.device)
+
+
+def norm(x: Tensor, buffer: Tensor | None = None) -> float:
     """``||x||`` of a vector ``(P,)``, accumulated as :func:`dots` (a float32 ``x.norm()`` of
     ``1e7`` entries is off by about ``3e-4``, and a basis vector divided by it is not unit)."""
-    return float(dots(x, x)) ** 0.5
+    return float(dots(x, x, buffer)) ** 0.5
 
 
 class Matvec:

@@ -65,7 +65,15 @@ import torch
 from scipy.linalg import eigh_tridiagonal
 from torch import Tensor
 
-from curvlab.linalg._checks import Matvec, check_operator, dots, norm, random_vectors, synced
+from curvlab.linalg._checks import (
+    Matvec,
+    check_operator,
+    dots,
+    norm,
+    random_vectors,
+    synced,
+    work_buffer,
+)
 from curvlab.linalg.bounds import error_bounds, noise_level, select
 from curvlab.linalg.results import ConvergenceError, EigResult
 
@@ -89,7 +97,8 @@ class KrylovBasis:
         self.alpha: list[float] = []
         self.beta: list[float] = []
         q0 = q0.to(device=matvec.device, dtype=matvec.dtype)  # (P,)
-        self.next_q: Tensor | None = q0 / norm(q0)  # (P,)
+        self.buffer = work_buffer(1, q0)  # (1, slice) for the float32 inner products, or None
+        self.next_q: Tensor | None = q0 / norm(q0, self.buffer)  # (P,)
         self.scale = 0.0  # running estimate of ||A||
         # beta below this fraction of ||A|| is a breakdown: 100 eps for float32 and float64;
         # for bfloat16 and float16, whose eps is large (8e-3, 1e-3), 0.5 sqrt(eps) (about 6 and
@@ -103,7 +112,7 @@ class KrylovBasis:
 
     def project_out(self, w: Tensor) -> list[float]:
         """``w -= sum_i (q_i . w) q_i`` in place over the rows; returns the coefficients."""
-        c = [float(dots(q, w)) for q in self.rows]  # (m,)
+        c = [float(dots(q, w, self.buffer)) for q in self.rows]  # (m,)
         for q, ci in zip(self.rows, c, strict=True):
             w.add_(q, alpha=-ci)
         return c
@@ -115,10 +124,10 @@ class KrylovBasis:
             raise RuntimeError("KrylovBasis.step: no next vector (call restart after a breakdown)")
         self.rows.append(self.next_q)
         w = self.matvec(self.next_q, m)  # (P,)
-        w_norm = norm(w)
+        w_norm = norm(w, self.buffer)
         # The three-term recurrence: w less its parts along q_m and q_{m-1}
         recent = self.rows[-2:]
-        c = [float(dots(q, w)) for q in recent]
+        c = [float(dots(q, w, self.buffer)) for q in recent]
         for q, ci in zip(recent, c, strict=True):
             w.add_(q, alpha=-ci)
         if self.check_symmetry and m == 1:
@@ -126,11 +135,11 @@ class KrylovBasis:
         # Full reorthogonalization: one classical Gram-Schmidt pass over the whole basis, and a
         # second when the first removed more than 1 - 1/sqrt(2) of the norm (Daniel, Gragg,
         # Kaufman and Stewart 1976): two reads of the basis per step as a rule, not four.
-        before = norm(w)
+        before = norm(w, self.buffer)
         alpha = c[-1] + self.project_out(w)[m]
-        if norm(w) < before / math.sqrt(2):
+        if norm(w, self.buffer) < before / math.sqrt(2):
             alpha += self.project_out(w)[m]
-        beta = norm(w)
+        beta = norm(w, self.buffer)
         self.alpha.append(alpha)
         self.scale = max(self.scale, abs(alpha), beta, w_norm)
         if beta <= self.breakdown_tol * self.scale:
@@ -159,9 +168,9 @@ class KrylovBasis:
         z = z.to(device=self.matvec.device, dtype=self.matvec.dtype)
         for _ in range(2):
             self.project_out(z)
-        if norm(z) < 1e-8:
+        if norm(z, self.buffer) < 1e-8:
             return False
-        self.next_q = z / norm(z)
+        self.next_q = z / norm(z, self.buffer)
         return True
 
     def combine(self, S: np.ndarray) -> Tensor:

@@ -54,7 +54,15 @@ import torch
 from scipy.linalg import eigh
 from torch import Tensor
 
-from curvlab.linalg._checks import Matvec, check_operator, dots, norm, random_vectors, synced
+from curvlab.linalg._checks import (
+    Matvec,
+    check_operator,
+    dots,
+    norm,
+    random_vectors,
+    synced,
+    work_buffer,
+)
 from curvlab.linalg.bounds import error_bounds, noise_level, select
 from curvlab.linalg.lanczos import check_arguments
 from curvlab.linalg.results import ConvergenceError, EigResult
@@ -112,6 +120,7 @@ class Subspace:
         self._W = V.new_empty(self.cap, P)  # (cap, P)
         self._V[:j], self._W[:j] = V, W
         self.m = j
+        self.buffer = work_buffer(self.cap, V[0])  # (cap, slice) for float32 inner products
         G = dots(self.V, self.W.T).cpu().numpy()  # (j, j)
         self.G = 0.5 * (G + G.T)
         self.M = dots(self.W, self.W.T).cpu().numpy()  # (j, j)
@@ -137,10 +146,10 @@ class Subspace:
         Gragg, Kaufman and Stewart 1976). A Ritz residual is orthogonal to ``V`` up to
         rounding, so one pass (two reads of ``V``) is the rule. Works in place on ``z``."""
         rows = self.V  # (m, P)
-        before = norm(z)
-        z.addmv_(rows.T, dots(rows, z).to(rows.dtype), alpha=-1.0)
-        if norm(z) < before / math.sqrt(2):
-            z.addmv_(rows.T, dots(rows, z).to(rows.dtype), alpha=-1.0)
+        before = norm(z, self.buffer)
+        z.addmv_(rows.T, dots(rows, z, self.buffer).to(rows.dtype), alpha=-1.0)
+        if norm(z, self.buffer) < before / math.sqrt(2):
+            z.addmv_(rows.T, dots(rows, z, self.buffer).to(rows.dtype), alpha=-1.0)
         return z
 
     def append(self, z: Tensor, w: Tensor) -> None:
@@ -152,11 +161,12 @@ class Subspace:
                 new = old.new_empty(self.cap, old.shape[1])  # (cap, P)
                 new[: self.m] = old[: self.m]
                 setattr(self, name, new)
+            self.buffer = work_buffer(self.cap, z)
         m = self.m
         self._V[m], self._W[m] = z, w
         self.m += 1
-        g = dots(self.V, w).cpu().numpy()  # (m + 1,) = V A z, a new column of G
-        h = dots(self.W, w).cpu().numpy()  # (m + 1,)
+        g = dots(self.V, w, self.buffer).cpu().numpy()  # (m + 1,) = V A z, a new column of G
+        h = dots(self.W, w, self.buffer).cpu().numpy()  # (m + 1,)
         self.G = np.block([[self.G, g[:m, None]], [g[None, :m], g[m:]]])
         self.M = np.block([[self.M, h[:m, None]], [h[None, :m], h[m:]]])
         self.scale = max(self.scale, math.sqrt(h[m]))
@@ -228,9 +238,9 @@ def subspace_eigs(
         if done or matvec.count >= max_iters or space.m >= P:
             break
         z = space.orthogonalize(R_w[int(np.argmax(relative))])  # (P,) the worst pair's
-        if norm(z) <= 1e-10 * max(space.scale, 1e-300):  # invariant: go on at random
+        if norm(z, space.buffer) <= 1e-10 * max(space.scale, 1e-300):  # invariant: go on at random
             z = space.orthogonalize(random_vectors(P, 1, A, generator)[:, 0].to(basis_dtype))
-        z = z / norm(z)
+        z = z / norm(z, space.buffer)
         space.append(z, matvec(z, space.m))
     converged = done or space.m >= P
     rel = float(np.max(relative))
