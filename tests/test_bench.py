@@ -170,3 +170,18 @@ def test_keep_freed_memory_rejects_values_beyond_a_c_int() -> None:
         hvp.keep_freed_memory(trim=2**34)
     with pytest.raises(ValueError, match=r"M_MMAP_THRESHOLD must fit a C int .* got -2147483649"):
         hvp.keep_freed_memory(mmap=-(2**31) - 1)
+
+
+def test_warm_floor_is_never_above_the_stopping_rule(tmp_path) -> None:
+    """The floor from a start is the fewest products at which the space holds the top
+    eigenvalue to tol; the rule, from the same start, stops only once it does."""
+    import warm_floor
+
+    out = tmp_path / "floor.json"
+    warm_floor.main(["--quick", "--models", "mlp", "--steps", "5", "--out", str(out)])
+    rows = json.loads(out.read_text())["models"]["mlp"]["rows"]["5"]
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["rule_error"] < warm_floor.TOL
+    assert all(row["floor"][s] is not None for s in warm_floor.STARTS), row["floor"]
+    assert row["floor"]["u1_u2"] <= row["rule_matvecs"], row
