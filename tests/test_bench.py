@@ -178,8 +178,8 @@ def test_warm_floor_is_never_above_the_stopping_rule(tmp_path) -> None:
     import warm_floor
 
     out = tmp_path / "floor.json"
-    warm_floor.main(["--quick", "--models", "mlp", "--steps", "5", "--out", str(out)])
-    rows = json.loads(out.read_text())["models"]["mlp"]["rows"]["5"]
+    warm_floor.main(["--quick", "--models", "mlp", "--steps", "10", "--out", str(out)])
+    rows = json.loads(out.read_text())["models"]["mlp"]["rows"]["10"]
     assert len(rows) == 1
     row = rows[0]
     assert row["rule_error"] < warm_floor.TOL
