@@ -47,18 +47,14 @@ SLICE = 1 << 17
 def dots(X: Tensor, y: Tensor, buffer: Tensor | None = None) -> Tensor:
     """``X @ y`` in float64 for ``X (m, P)`` or ``(P,)`` and ``y (P,)`` or ``(P, q)``.
 
-    In float64 this is ``X @ y``. A float32 matrix-vector product over ``P`` entries loses
-    accuracy as ``P`` grows, most where the terms share a sign (``q . A q`` near the top of the
-    spectrum, ``q . q``) or a few entries carry the sum (a localized eigenvector): measured on
-    torch 2.13 CPU, ``5e-5`` of the value at ``P = 6.7e5``, ``8e-4`` at ``1e7`` and ``3e-2`` at
-    ``1.24e8``; the Gram matrix of two float32 eigenvectors of a 470k-parameter GPT-2 came out
-    ``2e-4`` off the identity. A Rayleigh-Ritz or Lanczos step passes such errors on to the
-    eigenvalues. Here the products of each slice of ``2^17`` entries go to a reused float32
-    buffer and are summed by torch's pairwise reduction, and the slices' sums are added in
-    float64: an error of a few ``eps_32`` at any ``P``, at 1.2-1.3 times the time of one
-    matrix-vector product. ``buffer``: a float32 ``(>= m, >= min(2^17, P))`` work tensor that
-    a caller iterating over the same ``P`` keeps, so that no call allocates (a fresh buffer of
-    ``m`` slices per call cost page faults: half a millisecond at ``m = 8``).
+    In float64 this is ``X @ y``. With a float32 operand, one product over all ``P`` entries
+    loses accuracy as ``P`` grows (most where the terms share a sign, ``q . A q`` or ``q . q``,
+    or a few entries carry the sum), and Rayleigh-Ritz and Lanczos pass that error on to the
+    eigenvalues. Here the products of each slice of ``2^17`` entries go to a float32 buffer,
+    are summed by torch's pairwise reduction, and the slices' sums are added in float64: an
+    error of a few ``eps_32`` for any ``P`` (``benchmarks/README.md``, "Inner products of a
+    float32 basis", has the measurements). ``buffer``: a float32 ``(>= m, >= min(2^17, P))``
+    work tensor kept by a caller that iterates over the same ``P``, so that no call allocates.
 
     Example:
         >>> import torch
@@ -95,8 +91,8 @@ def work_buffer(m: int, like: Tensor) -> Tensor | None:
 
 
 def norm(x: Tensor, buffer: Tensor | None = None) -> float:
-    """``||x||`` of a vector ``(P,)``, accumulated as :func:`dots` (a float32 ``x.norm()`` of
-    ``1e7`` entries is off by about ``3e-4``, and a basis vector divided by it is not unit)."""
+    """``||x||`` of a vector ``(P,)``, accumulated as :func:`dots`, so that a float32 vector
+    divided by it is unit to a few ``eps_32``."""
     return float(dots(x, x, buffer)) ** 0.5
 
 

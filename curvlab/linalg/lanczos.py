@@ -40,12 +40,11 @@ a large model pass ``basis_dtype=torch.float32`` (``4 P`` bytes per vector, half
 measured in ``benchmarks/lanczos_memory.py``) and/or ``basis_device="cpu"`` (the basis in host
 memory, one vector copied each way per product). The tridiagonal ``T`` and its eigenproblem stay
 in float64 either way, and the inner products and norms over ``P`` are summed in float64 across
-slices (:func:`~curvlab.linalg._checks.dots`; one float32 sum over ``1e7`` entries is off by up
-to ``8e-4``). What a float32 basis costs: it is orthonormal to about ``m eps_32``
-(``eps_32 = 1.2e-7``) instead of ``m eps_64``, so Ritz values carry a relative error of about
-``eps_32`` and residuals below ``eps_32 ||A||`` are not resolved; no bound below that is claimed
-(as for a float32 operator), and tolerances down to ``1e-5`` are met as in float64 (tested on the
-zoo).
+slices (:func:`~curvlab.linalg._checks.dots`). What a float32 basis costs: it is orthonormal to
+about ``m eps_32`` (``eps_32 = 1.2e-7``) instead of ``m eps_64``, so Ritz values carry a relative
+error of about ``eps_32`` and residuals below ``eps_32 ||A||`` are not resolved; no bound below that
+is claimed (as for a float32 operator), and tolerances down to ``1e-5`` are met as in float64
+(tested on the zoo).
 
 Example:
     >>> import torch
